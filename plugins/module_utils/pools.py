@@ -13,9 +13,9 @@ This module is pure Python and imports nothing from Ansible.
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
+from urllib.parse import quote
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_TIMEOUT = 25
@@ -39,7 +39,7 @@ class PoolError(ValueError):
     """A pool definition that cannot be deployed; the message names the value and the fix."""
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -155,7 +155,9 @@ def _validate_queues(pool: Mapping[str, Any], label: str) -> list[str]:
         if not QUEUE_NAME_PATTERN.match(name):
             errors.append(f"{label}: invalid queue name {name!r}; use letters, digits, '_', '.', ':' and '-' only")
         if name in seen:
-            errors.append(f"{label}: queue {name!r} is listed twice; Sidekiq aborts at boot on a duplicate queue")
+            errors.append(
+                f"{label}: queue {name!r} is listed twice; list it once, because Sidekiq aborts at boot on a duplicate"
+            )
         seen.add(name)
     if 0 < weighted < len(raw):
         errors.append(
@@ -175,7 +177,8 @@ def _validate_numbers(pool: Mapping[str, Any], label: str, margin: int, stop_bud
     if not isinstance(spec, Mapping):
         errors.append(f"{label}: 'processes' must be a mapping such as {{min: 1, max: 4}}, got {spec!r}")
         return errors
-    minimum, maximum = spec.get("min"), spec.get("max")
+    minimum: Any = spec.get("min")
+    maximum: Any = spec.get("max")
     if not _is_int(minimum) or minimum < 0:
         errors.append(f"{label}: processes.min {minimum!r} is invalid; it must be an integer >= 0")
     if not _is_int(maximum) or maximum < 1:
@@ -184,9 +187,13 @@ def _validate_numbers(pool: Mapping[str, Any], label: str, margin: int, stop_bud
         errors.append(f"{label}: processes.min {minimum} is above processes.max {maximum}; lower min or raise max")
     timeout = pool.get("timeout", DEFAULT_TIMEOUT)
     if stop_budget_cap is not None and _is_int(timeout) and timeout + margin > stop_budget_cap:
+        if stop_budget_cap - margin >= 1:
+            fix = f"lower the pool's timeout to at most {stop_budget_cap - margin}"
+        else:
+            fix = "no timeout of 1 s or more fits, so lower the shutdown margin or use a platform with a larger cap"
         errors.append(
             f"{label}: stop budget {timeout + margin} s (timeout {timeout} + margin {margin}) exceeds the platform's "
-            f"cap of {stop_budget_cap} s; lower the pool's timeout to at most {stop_budget_cap - margin}"
+            f"cap of {stop_budget_cap} s; {fix}"
         )
     return errors
 
@@ -201,7 +208,9 @@ def validate_pools(
     """Return every problem in a list of pools as a message naming the value and the fix; empty when valid."""
     if not isinstance(pools, list) or not pools:
         return [f"sidekiq_pools must be a non-empty list of pools, got {pools!r}"]
-    if not _is_int(margin) or margin < MIN_SHUTDOWN_MARGIN:
+    if not _is_int(margin):
+        return [f"shutdown margin {margin!r} is invalid; it must be an integer number of seconds (not a quoted string)"]
+    if margin < MIN_SHUTDOWN_MARGIN:
         return [
             f"shutdown margin {margin!r} is too small; it must be an integer >= {MIN_SHUTDOWN_MARGIN} seconds so "
             "Sidekiq can push unfinished jobs back before it is killed"
@@ -219,7 +228,7 @@ def validate_pools(
             errors.append(f"{label}: unknown keys {unknown}; known keys are {sorted(POOL_KEYS)}")
         errors.extend(_validate_name(pool, label))
         if pool.get("name") in names:
-            errors.append(f"{label}: the name is used by two pools; pool names must be unique")
+            errors.append(f"{label}: the name is used by more than one pool; give each pool a unique name")
         names.add(str(pool.get("name")))
         queue_errors = _validate_queues(pool, label)
         errors.extend(queue_errors)
@@ -256,7 +265,7 @@ def redis_version_errors(sidekiq_major: int, redis_version: str) -> list[str]:
     try:
         found = parse_version(redis_version)
     except ValueError as error:
-        return [str(error)]
+        return [f"{error}; give the Redis version as major.minor.patch, for example '7.0.15'"]
     wanted = MIN_REDIS_VERSION[sidekiq_major]
     if found[:2] < wanted:
         wanted_text = ".".join(str(part) for part in wanted)
@@ -339,5 +348,7 @@ def restart_items(
         if name not in changed_pools:
             continue
         for unit in plan.get(name, {}).get("running", []):
-            items.append({"host": host, "pool": name, "unit": unit, "timeout": int(pool.get("timeout", DEFAULT_TIMEOUT))})
+            items.append(
+                {"host": host, "pool": name, "unit": unit, "timeout": int(pool.get("timeout", DEFAULT_TIMEOUT))}
+            )
     return items

@@ -142,7 +142,7 @@ def drain(
             sleep(POLL_INTERVAL)
             busy = busy_threads(client, identity)
         result.busy_at_stop = busy
-    except Exception as error:  # noqa: BLE001 - any Redis failure falls back to Sidekiq's own TERM handling
+    except Exception as error:
         result.messages.append(f"{unit}: reading busy threads from Redis failed ({error}); stopping anyway")
     result.waited_seconds = round(clock() - started, 2)
     result.timed_out = bool(result.busy_at_stop)
@@ -159,7 +159,9 @@ def restart(unit: str, timeout: float, client: Any | None) -> DrainResult:
     run_systemctl("restart", unit)
     state = unit_state(unit)
     if state.active_state != "active":
-        raise InstanceError(f"{unit} did not become active after restart (state {state.active_state}/{state.sub_state})")
+        raise InstanceError(
+            f"{unit} did not become active after restart (state {state.active_state}/{state.sub_state})"
+        )
     return result
 
 

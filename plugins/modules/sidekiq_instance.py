@@ -103,6 +103,7 @@ messages:
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import systemd_instances as instances
 
 try:
@@ -163,8 +164,15 @@ def main() -> None:
     except instances.InstanceError as error:
         module.fail_json(msg=str(error), unit=unit)
 
-    result: dict[str, Any] = {"unit": unit, "changed": False, "identity": None, "busy_before": None,
-                              "busy_at_stop": None, "waited_seconds": 0.0, "messages": []}
+    result: dict[str, Any] = {
+        "unit": unit,
+        "changed": False,
+        "identity": None,
+        "busy_before": None,
+        "busy_at_stop": None,
+        "waited_seconds": 0.0,
+        "messages": [],
+    }
     if state == "stopped" and not before.running:
         result["messages"].append(f"{unit} is not running")
         if module.params["disable"] and before.unit_file_state == "enabled":

@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import local_fleet  # noqa: E402
+import local_fleet
 
 pytestmark = pytest.mark.hosts
 
