@@ -4,6 +4,8 @@
 #   scripts/testhosts.sh images        build (or reuse) the images
 #   scripts/testhosts.sh up            create the local hosts: one Redis host and two worker hosts
 #   scripts/testhosts.sh down          remove them and their network
+#
+# SIDEKIQ_OPS_HOSTS_PREFIX=abc names the hosts abc-redis, abc-worker1, abc-worker2 on network abc-net.
 #   scripts/testhosts.sh env           print the environment podman needs (source it)
 #
 # The hosts are unprivileged podman containers with systemd as PID 1. Images are built from Debian bookworm with
@@ -23,8 +25,14 @@ HOST_PACKAGES="python3-apt procps iproute2 ca-certificates"
 # role starts from HOST_IMAGE to cover the install from scratch.
 PREBAKED_PACKAGES="redis-server redis-tools ruby ruby-sidekiq python3-redis"
 
-NETWORK="${SIDEKIQ_OPS_LOCAL_NETWORK:-sidekiq-ops-local}"
-LOCAL_HOSTS=(sko-redis sko-worker1 sko-worker2)
+# SIDEKIQ_OPS_HOSTS_PREFIX gives a second set of hosts (for a test that must not touch inventories/local);
+# the default "sko" is the set inventories/local names.
+PREFIX="${SIDEKIQ_OPS_HOSTS_PREFIX:-sko}"
+case "$PREFIX" in
+  ''|*[!a-z0-9-]*) echo "SIDEKIQ_OPS_HOSTS_PREFIX=$PREFIX is invalid; use lowercase letters, digits and '-'" >&2; exit 2 ;;
+esac
+if [ "$PREFIX" = "sko" ]; then NETWORK="sidekiq-ops-local"; else NETWORK="$PREFIX-net"; fi
+LOCAL_HOSTS=("$PREFIX-redis" "$PREFIX-worker1" "$PREFIX-worker2")
 
 log() { printf '[testhosts] %s\n' "$*" >&2; }
 

@@ -154,7 +154,7 @@ def measure_ours(url: str, repeats: int) -> dict[str, Any]:
     calls_after, usec_after = command_totals(client)
 
     seconds = []
-    for _ in range(repeats):
+    for _repeat in range(repeats):
         started = time.perf_counter()
         read_state(client)
         seconds.append(time.perf_counter() - started)
@@ -192,7 +192,9 @@ def machine() -> dict[str, str]:
     memory_kb = next(
         int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
     )
-    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[2]
     return {
         "nproc": str(os.cpu_count()),
         "cpu": model,
@@ -200,7 +202,7 @@ def machine() -> dict[str, str]:
         "python": platform.python_version(),
         "redis_py": redis.__version__,
         "redis_server": redis_version.removeprefix("v="),
-        "ruby": subprocess.run(["ruby", "-e", "print RUBY_VERSION"], capture_output=True, text=True).stdout,
+        "ruby": subprocess.run(["ruby", "-e", "print RUBY_VERSION"], capture_output=True, text=True, check=True).stdout,
     }
 
 
@@ -226,7 +228,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     try:
         client = redis.Redis.from_url(url, protocol=2)
-        for _ in range(100):
+        for _attempt in range(100):
             try:
                 client.ping()
                 break

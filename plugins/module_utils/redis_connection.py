@@ -83,6 +83,10 @@ class RedisPermissionError(RedisAccessError):
     """The ACL user may not run a command or read a key that is needed."""
 
 
+class RedisCommandError(RedisAccessError):
+    """Redis returned an error that none of the other classes describes."""
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     """Validated connection settings, resolved from module options and environment variables."""
@@ -293,7 +297,7 @@ def translate_redis_error(error: BaseException, settings: RedisSettings | None =
         )
     if "invalid db index" in detail.lower() or "DB index is out of range" in detail:
         return RedisOptionsError(f"{where} has no such database: {detail} Check redis_db.")
-    return RedisAccessError(f"{where} returned an error: {detail}")
+    return RedisCommandError(f"{where} returned an error: {detail}")
 
 
 def mask_secrets(text: str, settings: RedisSettings) -> str:
@@ -406,10 +410,10 @@ def _parse_sentinel(address: str) -> tuple[str, int]:
     """Parse ``host``, ``host:port`` or ``[ipv6]:port`` into a Sentinel address."""
     text = address.strip()
     if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
+        host, _bracket, rest = text[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
     elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
+        host, _colon, port_text = text.partition(":")
     else:
         host, port_text = text, ""
     if not host:

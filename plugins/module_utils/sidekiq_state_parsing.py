@@ -62,7 +62,9 @@ def parse_reply(reply: Sequence[Any], prefix: str = "") -> SidekiqState:
     processed_raw, failed_raw = (_text(value) for value in counters)
     processed = _parse_counter(processed_raw, prefix + "stat:processed", malformed)
     failed = _parse_counter(failed_raw, prefix + "stat:failed", malformed)
-    schedule_size, schedule_due_count, retry_size, retry_due_count, dead_size, _ = (int(value) for value in job_sets)
+    schedule_size, schedule_due_count, retry_size, retry_due_count, dead_size, _dead_due = (
+        int(value) for value in job_sets
+    )
 
     processes = tuple(
         sorted(

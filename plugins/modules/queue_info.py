@@ -23,7 +23,7 @@ description:
     C(TIME) and read access to the Sidekiq keys, that is the ACL rules C(+ping +eval +evalsha +time +@read ~*).
 version_added: 0.1.0
 author:
-  - sidekiq-ops maintainers
+  - sidekiq-ops maintainers (@sidekiq-ops)
 extends_documentation_fragment:
   - sidekiq_ops.fleet.redis
 attributes:
@@ -32,6 +32,7 @@ attributes:
     description: The module never changes anything, so check mode runs the same read.
   diff_mode:
     support: none
+    description: The module changes nothing, so it has no differences to show.
 options:
   pools:
     description:
@@ -45,9 +46,9 @@ options:
     description:
       - Maximum number of due entries decoded in each of the scheduled and retry sets to find their queues.
       - The total due count is always exact. When more entries are due, per-queue and per-pool due counts are
-        scaled up from the ones decoded and RV(pools.<name>.due_estimated) is V(true).
+        scaled up from the ones decoded and the pool's C(due_estimated) is V(true).
       - Redis serves no other client while the script runs. Decoding 10,000 retry entries of 260 bytes took
-        15 to 40 ms on a 2-CPU machine, so a lower limit keeps the pause shorter at the price of estimates.
+        20 to 40 ms on a shared 2-CPU machine, so a lower limit keeps the pause shorter at the price of estimates.
     type: int
     default: 10000
   allow_empty:
@@ -63,8 +64,8 @@ notes:
     that pushed the job, so clock skew between them shows up in latencies.
   - Check mode is supported and runs the same read.
   - Redis serves no other client while the read script runs. With 10,000 queues and 200 processes that took
-    100 to 150 ms on a loaded 2-CPU machine (see benchmarks/README.md in the project), 12 to 16 ms with
-    1,000 queues.
+    60 to 150 ms on a shared 2-CPU machine, depending on its load, and 10 to 16 ms with 1,000 queues (see
+    benchmarks/README.md in the project repository).
 """
 
 EXAMPLES = r"""
@@ -263,7 +264,7 @@ pools:
       description: Due retries for the pool's queues.
       type: int
     backlog:
-      description: RV(pools.<name>.queued) + RV(pools.<name>.scheduled_due) + RV(pools.<name>.retry_due).
+      description: The sum of C(queued), C(scheduled_due) and C(retry_due).
       type: int
     latency:
       description: Maximum latency over the pool's queues, in seconds.

@@ -48,7 +48,7 @@ requirements:
 notes:
   - Supports check mode, in which it reports what it would do without sending any signal.
 author:
-  - sidekiq-ops contributors
+  - sidekiq-ops maintainers (@sidekiq-ops)
 """
 
 EXAMPLES = r"""
@@ -124,15 +124,20 @@ def redis_client(module: AnsibleModule, messages: list[str]) -> Any | None:
         messages.append(missing_required_lib("redis") + "; not waiting for idle")
         return None
     try:
-        url = instances.read_environment_file(env_file).get("REDIS_URL")
+        environment = instances.read_environment_file(env_file)
     except OSError as error:
         messages.append(f"cannot read {env_file}: {error.strerror}; not waiting for idle")
         return None
+    url = environment.get("REDIS_URL")
     if not url:
         messages.append(f"{env_file} has no REDIS_URL; not waiting for idle")
         return None
+    options: dict[str, Any] = {"socket_timeout": 5, "socket_connect_timeout": 5}
+    # The role puts a private CA for TLS to Redis into SSL_CERT_FILE, which Sidekiq's OpenSSL reads by itself.
+    if url.startswith("rediss://") and environment.get("SSL_CERT_FILE"):
+        options["ssl_ca_certs"] = environment["SSL_CERT_FILE"]
     try:
-        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        client = redis.Redis.from_url(url, **options)
         client.ping()
     except redis.RedisError as error:
         messages.append(f"Redis is not reachable ({type(error).__name__}); not waiting for idle")

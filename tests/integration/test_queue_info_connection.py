@@ -64,22 +64,31 @@ class Certificates:
     other_ca: Path
 
 
+@dataclass
+class Issued:
+    """A key and its certificate, in memory for signing others and as PEM files for Redis and the client."""
+
+    key: ec.EllipticCurvePrivateKey
+    name: x509.Name
+    cert_path: Path
+    key_path: Path
+
+
 def make_key_and_cert(
     directory: Path,
     name: str,
-    issuer_key: ec.EllipticCurvePrivateKey | None,
-    issuer_name: x509.Name | None,
+    issuer: Issued | None,
     *,
     ca: bool = False,
     server: bool = False,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Name, Path, Path]:
+) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(issuer_name or subject)
+        .issuer_name(issuer.name if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -89,25 +98,32 @@ def make_key_and_cert(
     if server:
         names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    certificate = builder.sign(issuer_key or key, hashes.SHA256())
+    certificate = builder.sign(issuer.key if issuer else key, hashes.SHA256())
     cert_path = directory / f"{name}.crt"
     key_path = directory / f"{name}.key"
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
-    return key, subject, cert_path, key_path
+    return Issued(key, subject, cert_path, key_path)
 
 
 @pytest.fixture
 def certificates(tmp_path: Path) -> Certificates:
     directory = tmp_path / "tls"
     directory.mkdir()
-    ca_key, ca_name, ca_cert, _ = make_key_and_cert(directory, "test-ca", None, None, ca=True)
-    _, _, server_cert, server_key = make_key_and_cert(directory, "redis-server", ca_key, ca_name, server=True)
-    _, _, client_cert, client_key = make_key_and_cert(directory, "sidekiq-ops", ca_key, ca_name)
-    _, _, other_ca, _ = make_key_and_cert(directory, "unrelated-ca", None, None, ca=True)
-    return Certificates(ca_cert, server_cert, server_key, client_cert, client_key, other_ca)
+    ca = make_key_and_cert(directory, "test-ca", None, ca=True)
+    server = make_key_and_cert(directory, "redis-server", ca, server=True)
+    client = make_key_and_cert(directory, "sidekiq-ops", ca)
+    other_ca = make_key_and_cert(directory, "unrelated-ca", None, ca=True)
+    return Certificates(
+        ca=ca.cert_path,
+        server_cert=server.cert_path,
+        server_key=server.key_path,
+        client_cert=client.cert_path,
+        client_key=client.key_path,
+        other_ca=other_ca.cert_path,
+    )
 
 
 def tls_server_arguments(certificates: Certificates, port: int, client_certificates: str) -> tuple[str, ...]:

@@ -83,6 +83,7 @@ def run_playbook(directory: Path, tasks: list[dict[str, Any]], *options: str) ->
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     return task_results(completed.stdout), completed.stdout + completed.stderr
 
@@ -124,6 +125,7 @@ def test_ad_hoc_run_reads_state(redis_server: RedisServer) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
 
     assert completed.returncode == 0, completed.stdout + completed.stderr

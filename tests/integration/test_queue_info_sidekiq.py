@@ -54,8 +54,8 @@ def sidekiq_workers(tmp_path: Path) -> Iterator[Callable[..., SidekiqWorker]]:
         yield start
 
 
-def read(server: RedisServer, pools: list[dict[str, Any]] = POOLS) -> SidekiqState:
-    return read_state(connect({"redis_url": server.url}), pools=pools)
+def read(server: RedisServer, pools: list[dict[str, Any]] | None = None) -> SidekiqState:
+    return read_state(connect({"redis_url": server.url}), pools=POOLS if pools is None else pools)
 
 
 def heartbeat_signature(state: SidekiqState) -> Any:
@@ -76,13 +76,15 @@ def heartbeat_signature(state: SidekiqState) -> Any:
     return processes, queues, job_sets, state.processed, state.failed
 
 
-def read_with_ruby(server: RedisServer, pools: list[dict[str, Any]] = POOLS) -> tuple[SidekiqState, dict[str, Any]]:
+def read_with_ruby(
+    server: RedisServer, pools: list[dict[str, Any]] | None = None
+) -> tuple[SidekiqState, dict[str, Any]]:
     """Read with the reader, then with Sidekiq's Ruby API, then with the reader again.
 
     When a heartbeat or a job changed the data between the two reader calls, the Ruby read may have seen
     either version, so the triple is repeated.
     """
-    for _ in range(6):
+    for _attempt in range(6):
         before = read(server, pools)
         ruby = ruby_api_dump(server.url)
         after = read(server, pools)
@@ -242,11 +244,12 @@ def test_retries_and_dead_jobs_match_ruby(
 
     # Move the retries back to their queue with Sidekiq's API; their second failure uses up retry: 1.
     ruby_eval(redis_server.url, "Sidekiq::RetrySet.new.each(&:add_to_queue)")
-    wait_for(
-        lambda: (lambda s: s.dead == 3 and s.retries.size == 0 and s.failed == 6)(read(redis_server)),
-        timeout=40,
-        description="3 dead jobs and 6 failures flushed by a heartbeat",
-    )
+
+    def retries_exhausted() -> bool:
+        state = read(redis_server)
+        return state.dead == 3 and state.retries.size == 0 and state.failed == 6
+
+    wait_for(retries_exhausted, timeout=40, description="3 dead jobs and 6 failures flushed by a heartbeat")
 
     state, ruby = read_with_ruby(redis_server)
 

@@ -2,8 +2,8 @@
 
 Each case runs the whole role with ansible-playbook in check mode against localhost (connection local) and reads
 the result through the ansible.posix.json callback. A case passes when the only failed task is the expected
-preflight check, its message names the bad value and the fix, no task reported a change, and every task that ran
-came from the argument spec validation or from preflight.yml.
+preflight check and its message names the bad value and the fix. No task may report a change, and every task that
+ran must come from the argument spec validation or from preflight.yml.
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ VALID_VARS: dict[str, Any] = {
 
 
 def run_role(tmp_path: Path, overrides: dict[str, Any], entry_point: str = "main") -> dict[str, Any]:
-    """Run the role in check mode with VALID_VARS plus overrides; return the JSON callback's report."""
+    """Run the role in check mode with VALID_VARS plus overrides and return the report of the JSON callback."""
     playbook = tmp_path / "play.yml"
     playbook.write_text(PLAYBOOK)
     variables = tmp_path / "vars.json"
     merged = {key: value for key, value in {**VALID_VARS, **overrides}.items() if value is not UNSET}
     variables.write_text(json.dumps({**merged, "redis_test_entry_point": entry_point}))
+
     # An empty config file keeps any ansible.cfg of the machine or the user out of the run.
     config = tmp_path / "ansible.cfg"
     config.write_text("")
@@ -63,6 +64,7 @@ def run_role(tmp_path: Path, overrides: dict[str, Any], entry_point: str = "main
         "ANSIBLE_HOME": str(tmp_path / "ansible-home"),
         "ANSIBLE_NOCOLOR": "1",
     }
+
     completed = subprocess.run(
         [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", "--check", str(playbook), "-e", f"@{variables}"],
         cwd=tmp_path,
@@ -72,6 +74,7 @@ def run_role(tmp_path: Path, overrides: dict[str, Any], entry_point: str = "main
         timeout=300,
         check=False,
     )
+
     assert completed.stdout.strip(), f"ansible-playbook printed no report; stderr:\n{completed.stderr}"
     report: dict[str, Any] = json.loads(completed.stdout)
     report["returncode"] = completed.returncode

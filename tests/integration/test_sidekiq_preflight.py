@@ -71,7 +71,8 @@ VALID_VARS: dict[str, Any] = {
 
 ARGUMENT_SPEC_TASK = "Validating arguments against arg spec 'preflight'"
 POOLS_TASK = "Validate the pool definitions"
-CONNECTION_TASK = "Validate the Redis connection settings"
+PASSWORD_TASK = "Check that the Redis password is set"
+PORT_TASK = "Check the Redis port"
 APP_SOURCE_TASK = "Check that the application source is a directory"
 REDIS_VERSION_TASK = "Check that Redis is recent enough"
 
@@ -160,13 +161,13 @@ CASES: dict[str, Case] = {
     ),
     "password-empty": Case(
         with_vars(sidekiq_redis_password=""),
-        CONNECTION_TASK,
+        PASSWORD_TASK,
         ("sidekiq_redis_password is empty", "set the password of the Redis user sidekiq"),
     ),
     "port-out-of-range": Case(
         with_vars(sidekiq_redis_port=70000),
-        CONNECTION_TASK,
-        ("sidekiq_redis_port 70000 is outside 1-65535", "a valid port"),
+        PORT_TASK,
+        ("sidekiq_redis_port 70000 is invalid", "give a TCP port from 1 to 65535"),
     ),
     "redis-too-old": Case(
         with_vars(sidekiq_major_version=7, sidekiq_redis_version="6.0.16"),
@@ -182,10 +183,15 @@ CASES: dict[str, Case] = {
     "app-source-missing": Case(
         with_vars(sidekiq_app_src="/nonexistent/sidekiq-ops-demo-app"),
         APP_SOURCE_TASK,
-        ('sidekiq_app_src "/nonexistent/sidekiq-ops-demo-app" is not a directory', "point it at the application"),
+        ('sidekiq_app_src "/nonexistent/sidekiq-ops-demo-app" is not a directory', "point sidekiq_app_src at"),
+    ),
+    "app-require-missing": Case(
+        with_vars(sidekiq_app_require="missing.rb"),
+        APP_SOURCE_TASK,
+        ('sidekiq_app_require "missing.rb"', "sidekiq_app_require at the file or folder Sidekiq loads"),
     ),
     "app-source-empty": Case(
-        with_vars(sidekiq_app_src=""), APP_SOURCE_TASK, ('sidekiq_app_src "" is not a directory', "point it at")
+        with_vars(sidekiq_app_src=""), APP_SOURCE_TASK, ('sidekiq_app_src "" is not a directory', "point sidekiq_app_src at")
     ),
     "pool-unknown-key": Case(
         with_bulk(concurency=5),

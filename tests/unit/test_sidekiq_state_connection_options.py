@@ -10,8 +10,8 @@ import redis
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.redis_connection import (
     REDIS_ARGUMENT_SPEC,
-    RedisAccessError,
     RedisAuthenticationError,
+    RedisCommandError,
     RedisOptionsError,
     RedisPermissionError,
     RedisSettings,
@@ -194,7 +194,7 @@ def test_translate_masks_password_in_server_text() -> None:
 
     translated = translate_redis_error(error, settings)
 
-    assert type(translated) is RedisAccessError
+    assert isinstance(translated, RedisCommandError)
     assert "hunter2" not in str(translated)
     assert "********" in str(translated)
 
@@ -238,13 +238,12 @@ def test_translate_closed_connection_hints_tls() -> None:
 
 def test_translate_tls_error_from_chain() -> None:
     settings = settings_from_params(params(redis_host="h", redis_tls=True))
-    try:
-        try:
-            raise ssl.SSLCertVerificationError(1, "certificate verify failed: unable to get local issuer certificate")
-        except ssl.SSLError as cause:
-            raise redis.exceptions.ConnectionError("Error 1 connecting to h:6379.") from cause
-    except redis.exceptions.ConnectionError as error:
-        translated = translate_redis_error(error, settings)
+    error = redis.exceptions.ConnectionError("Error 1 connecting to h:6379.")
+    error.__cause__ = ssl.SSLCertVerificationError(
+        1, "certificate verify failed: unable to get local issuer certificate"
+    )
+
+    translated = translate_redis_error(error, settings)
 
     assert isinstance(translated, RedisTLSError)
     assert "redis_tls_ca_file" in str(translated)
