@@ -4,6 +4,7 @@
     scripts/local_fleet.py enqueue --fast 900 --slow 100 --slow-seconds 3 > jids.txt
     scripts/local_fleet.py wait jids.txt --timeout 300
     scripts/local_fleet.py status
+    scripts/local_fleet.py --redis-container as4-redis status    (hosts made with SIDEKIQ_OPS_HOSTS_PREFIX=as4)
 
 The Redis host is the podman container of inventories/local; its address comes from podman and the password of
 the sidekiq user from the local inventory. The demo app (examples/demo-app) records every finished job id in the
@@ -47,19 +48,37 @@ def container_address(name: str) -> str:
     return addresses[0]
 
 
-def local_redis_url() -> str:
-    """Build the REDIS_URL of the sidekiq user on the local Redis test host."""
+def local_redis_url(container: str = REDIS_CONTAINER) -> str:
+    """Build the REDIS_URL of the sidekiq user on a Redis test host (by default the one of inventories/local).
+
+    The password comes from the local inventory, which other sets of test hosts (SIDEKIQ_OPS_HOSTS_PREFIX) copy.
+    """
     variables = yaml.safe_load(LOCAL_REDIS_VARS.read_text())
     password = quote(str(variables["redis_sidekiq_password"]), safe="")
-    return f"redis://sidekiq:{password}@{container_address(REDIS_CONTAINER)}:6379/0"
+    return f"redis://sidekiq:{password}@{container_address(container)}:6379/0"
 
 
-def enqueue(url: str, fast: int, slow: int, slow_seconds: float, queues: str = FAST_QUEUES) -> list[str]:
+def enqueue(
+    url: str, fast: int, slow: int, slow_seconds: float, queues: str = FAST_QUEUES, slow_queue: str = "slow"
+) -> list[str]:
     """Enqueue demo jobs with the demo app's own Ruby client and return their job ids."""
-    command = ["ruby", "enqueue.rb", "--fast", str(fast), "--slow", str(slow), "--slow-seconds", str(slow_seconds),
-               "--queues", queues]
-    completed = subprocess.run(command, cwd=DEMO_APP, env={**os.environ, "REDIS_URL": url},
-                               capture_output=True, text=True, check=False)
+    command = [
+        "ruby",
+        "enqueue.rb",
+        "--fast",
+        str(fast),
+        "--slow",
+        str(slow),
+        "--slow-seconds",
+        str(slow_seconds),
+        "--queues",
+        queues,
+        "--slow-queue",
+        slow_queue,
+    ]
+    completed = subprocess.run(
+        command, cwd=DEMO_APP, env={**os.environ, "REDIS_URL": url}, capture_output=True, text=True, check=False
+    )
     if completed.returncode != 0:
         raise RuntimeError(f"enqueue.rb failed with exit code {completed.returncode}: {completed.stderr.strip()}")
     return completed.stdout.split()
@@ -67,7 +86,7 @@ def enqueue(url: str, fast: int, slow: int, slow_seconds: float, queues: str = F
 
 @dataclass
 class Progress:
-    """Where a set of jobs stands, counted by job id."""
+    """Progress of a set of jobs, counted by job id."""
 
     total: int
     done: int
@@ -77,8 +96,10 @@ class Progress:
     run_twice: int
 
     def line(self) -> str:
-        return (f"done {self.done}/{self.total}  queued {self.queued}  busy {self.busy}  retry {self.retries}  "
-                f"ran more than once {self.run_twice}")
+        return (
+            f"done {self.done}/{self.total}  queued {self.queued}  busy {self.busy}  retry {self.retries}  "
+            f"ran more than once {self.run_twice}"
+        )
 
 
 def progress(client: redis.Redis, jids: list[str]) -> Progress:
@@ -97,7 +118,7 @@ def progress(client: redis.Redis, jids: list[str]) -> Progress:
         pipeline.hget(identity, "busy")
     counts = pipeline.execute()
     queued = sum(counts[: len(queue_names)])
-    busy = sum(int(value or 0) for value in counts[len(queue_names):])
+    busy = sum(int(value or 0) for value in counts[len(queue_names) :])
     return Progress(
         total=len(jids),
         done=sum(1 for flag in done_flags if flag),
@@ -108,8 +129,9 @@ def progress(client: redis.Redis, jids: list[str]) -> Progress:
     )
 
 
-def wait_for(client: redis.Redis, jids: list[str], timeout: float, interval: float = 2.0,
-             echo: bool = True) -> Progress:
+def wait_for(
+    client: redis.Redis, jids: list[str], timeout: float, interval: float = 2.0, echo: bool = True
+) -> Progress:
     """Wait until every job has finished or the timeout passes; print progress lines when echo is set."""
     deadline = time.monotonic() + timeout
     while True:
@@ -127,14 +149,25 @@ def status(client: redis.Redis) -> dict[str, Any]:
     processes = []
     for identity in sorted(client.smembers("processes")):
         info = json.loads(client.hget(identity, "info") or "{}")
-        processes.append({"identity": identity.decode(), "tag": info.get("tag"),
-                          "busy": int(client.hget(identity, "busy") or 0), "concurrency": info.get("concurrency"),
-                          "quiet": (client.hget(identity, "quiet") or b"false").decode()})
+        processes.append(
+            {
+                "identity": identity.decode(),
+                "tag": info.get("tag"),
+                "busy": int(client.hget(identity, "busy") or 0),
+                "concurrency": info.get("concurrency"),
+                "quiet": (client.hget(identity, "quiet") or b"false").decode(),
+            }
+        )
     return {"queues": queues, "processes": processes}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--redis-container",
+        default=REDIS_CONTAINER,
+        help=f"podman container of the Redis test host (default {REDIS_CONTAINER})",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     add = commands.add_parser("enqueue", help="enqueue demo jobs and print their job ids")
     add.add_argument("--fast", type=int, default=0, help="number of fast jobs, spread over critical, default, low")
@@ -151,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, 0) < 0:
             parser.error(f"--{name} {getattr(args, name)} is invalid; give 0 or more jobs")
 
-    url = local_redis_url()
+    url = local_redis_url(args.redis_container)
     if args.command == "url":
         print(url)
         return 0
@@ -165,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     jids = args.jids_file.read_text().split()
     final = wait_for(client, jids, args.timeout)
     if final.done != final.total:
-        print(f"{final.total - final.done} of {final.total} jobs did not run within {args.timeout:g} s",
-              file=sys.stderr)
+        print(
+            f"{final.total - final.done} of {final.total} jobs did not run within {args.timeout:g} s", file=sys.stderr
+        )
         return 1
     print(f"all {final.total} jobs ran")
     return 0

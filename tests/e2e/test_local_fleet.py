@@ -37,8 +37,7 @@ ENV = {
 
 
 def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    completed = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout,
-                               check=False)
+    completed = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, check=False)
     assert completed.returncode == 0, f"{' '.join(command)} failed:\n{completed.stdout[-6000:]}\n{completed.stderr}"
     return completed
 

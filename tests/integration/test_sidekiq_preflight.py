@@ -191,7 +191,9 @@ CASES: dict[str, Case] = {
         ('sidekiq_app_require "missing.rb"', "sidekiq_app_require at the file or folder Sidekiq loads"),
     ),
     "app-source-empty": Case(
-        with_vars(sidekiq_app_src=""), APP_SOURCE_TASK, ('sidekiq_app_src "" is not a directory', "point sidekiq_app_src at")
+        with_vars(sidekiq_app_src=""),
+        APP_SOURCE_TASK,
+        ('sidekiq_app_src "" is not a directory', "point sidekiq_app_src at"),
     ),
     "pool-unknown-key": Case(
         with_bulk(concurency=5),
