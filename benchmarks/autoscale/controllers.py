@@ -2,21 +2,26 @@
 
 The baselines follow the behaviour their vendors document, reduced to what one Sidekiq pool needs:
 
-- `KedaHpa`: the KEDA Redis-lists scaler feeding a Kubernetes HorizontalPodAutoscaler. KEDA reads the list
-  length every 30 s (pollingInterval) and exposes it as an AverageValue metric with target `list_length`
-  (5 by default). The HPA syncs every 15 s: desired = ceil(list length / target), no change while the ratio
-  is within 10 % of 1, scale-up by at most max(4 pods, 100 %) per sync, and scale-down only to the highest
-  recommendation of the last 300 s.
-- `Judoscale`: queue latency checked every 10 s. Above the upscale threshold it adds one process at once and
-  again only after the upscale interval. After ten minutes below the downscale threshold it removes one
-  process, and again after each further ten minutes (its "downscale delay").
+- `KedaHpa`: the KEDA Redis-lists scaler feeding a Kubernetes HorizontalPodAutoscaler. The list length (LLEN,
+  so neither running nor due scheduled jobs) is an AverageValue metric with target `list_length` (5 by
+  default). The HPA syncs every 15 s and, because KEDA's `useCachedMetrics` is false by default, KEDA's
+  metrics server reads the list afresh for every sync; the 30 s `pollingInterval` only drives the 0 <-> 1
+  activation, which a pool with min 1 never uses. Each sync: desired = ceil(list length / target), no change
+  while the ratio is within 10 % of 1, scale-up by at most max(4 pods, 100 %), and scale-down only to the
+  highest recommendation of the last 300 s.
+- `Judoscale`: queue latency (`Sidekiq::Queue#latency`, so due scheduled jobs are unseen) checked every 10 s.
+  Above the upscale threshold it adds one process at once and again only after the upscale interval. After ten
+  minutes below the downscale threshold it removes one process, and again after each further ten minutes (its
+  "downscale delay").
 - `HireFire`: checks every 60 s with either the job-queue strategy (desired = ceil(jobs / ratio), where jobs
   counts queued, due scheduled and running jobs) or the latency strategy (one process up above the maximum
-  latency, one down below the minimum). A change needs `sensitivity` consecutive checks that ask for it, and
-  the upscale and downscale timeouts allow at most one change per direction in that many seconds.
+  latency, one down below the minimum, where latency includes due scheduled and retry jobs as the
+  hirefire-resource Sidekiq macro measures it). A change needs `sensitivity` consecutive checks that ask for it,
+  and the upscale and downscale timeouts allow at most one change per direction in that many seconds.
 
-Sources: keda.sh "Redis Lists" scaler page, the Kubernetes HPA documentation (defaults as above),
-judoscale.com "Tuning your application", help.hirefire.io "Timeout options" and "Checkup frequency".
+Sources: keda.sh "Redis Lists" scaler page and "Caching Metrics" (KEDA 2.15 docs), the Kubernetes HPA
+documentation (defaults as above), judoscale.com "Tuning your application" and "Autoscaling responsiveness",
+help.hirefire.io "Timeout options" and "Checkup frequency", and the hirefire-resource-ruby Sidekiq macro.
 """
 
 from __future__ import annotations
@@ -83,7 +88,6 @@ class KedaHpa:
         self,
         config: PoolConfig,
         list_length: float = 5.0,
-        polling_interval: float = 30.0,
         sync_period: float = 15.0,
         tolerance: float = 0.1,
         down_window: float = 300.0,
@@ -92,20 +96,14 @@ class KedaHpa:
         self.interval = sync_period
         self.config = config
         self.list_length = list_length
-        self.polling_interval = polling_interval
         self.tolerance = tolerance
         self.down_window = down_window
-        self.metric: int | None = None
-        self.polled_at = -math.inf
         self.recommendations: list[tuple[float, int]] = []
 
     def desired(self, observation: Observation) -> int:
         now = observation.now
-        if now - self.polled_at >= self.polling_interval:
-            self.metric = observation.queued
-            self.polled_at = now
         current = observation.requested
-        total = float(self.metric or 0)
+        total = float(observation.queued)
         ratio = total / (self.list_length * current) if current else math.inf
         if current and abs(ratio - 1.0) <= self.tolerance:
             recommendation = current
@@ -145,15 +143,18 @@ class Judoscale:
         )
 
     def desired(self, observation: Observation) -> int:
+        return _clamp(self._step(observation), self.config)
+
+    def _step(self, observation: Observation) -> int:
         now = observation.now
         current = observation.requested
         # Judoscale's Sidekiq adapter reports queue latency from enqueued_at, so due scheduled jobs are unseen.
-        latency = observation.latency if observation.queued else 0.0
+        latency = observation.queue_latency
         if latency > self.upscale_threshold:
             self.below_since = None
             if now - self.last_upscale >= self.upscale_interval and current < self.config.max_processes:
                 self.last_upscale = now
-                return _clamp(current + 1, self.config)
+                return current + 1
             return current
         if latency >= self.downscale_threshold:
             self.below_since = None
@@ -202,7 +203,7 @@ class HireFire:
         if self.strategy == "job_queue":
             jobs = observation.queued + observation.due_scheduled + observation.busy
             return _clamp(math.ceil(jobs / self.ratio), self.config)
-        latency = observation.latency if observation.queued else 0.0
+        latency = observation.latency
         if latency > self.maximum_latency:
             return _clamp(current + self.upscale_quantity, self.config)
         if latency < self.minimum_latency:
@@ -223,4 +224,34 @@ class HireFire:
             self.last_down = now
             self.down_streak = 0
             return target
-        return current
+        return _clamp(current, self.config)
+
+
+@dataclass
+class ReactiveBound:
+    """A bound for any autoscaler that runs every `interval` seconds and learns of a burst from the queue.
+
+    It keeps `base` processes outside bursts. At the first run that sees more than `trigger` waiting jobs it asks
+    for the maximum at once, with no step limit and no estimate to build up, and holds it for `hold` seconds after
+    the last such run. No policy that reads the pool at the same interval can start processes earlier or more at
+    once, so its p95 wait at a given base is the lowest such a policy reaches on a burst. It knows the trace (the
+    burst rate needs the maximum, and bursts last 300 s), so it is a yardstick, not an autoscaler.
+    """
+
+    config: PoolConfig
+    base: int = 2
+    trigger: int = 50
+    hold: float = 330.0
+    interval: float = 30.0
+    name: str = ""
+    until: float = -math.inf
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"reactive bound ({self.interval:g} s runs, base {self.base})"
+
+    def desired(self, observation: Observation) -> int:
+        if observation.backlog > self.trigger:
+            self.until = observation.now + self.hold
+        if observation.now < self.until:
+            return self.config.max_processes
+        return _clamp(self.base, self.config)

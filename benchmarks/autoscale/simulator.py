@@ -96,6 +96,8 @@ class Observation:
         due_scheduled: scheduled jobs that are due but not yet moved to the queue.
         latency: seconds since `enqueued_at` of the queue head, or since the oldest due scheduled job was due,
             whichever is larger.
+        queue_latency: seconds since `enqueued_at` of the queue head only, 0 for an empty queue (Sidekiq's
+            `Sidekiq::Queue#latency`).
         busy: busy threads of all live processes, quiet ones included.
         processes: running processes that are not quiet.
         capacity: threads of those processes.
@@ -118,6 +120,7 @@ class Observation:
     longest_running: float
     processed: int
     upcoming: int = 0
+    queue_latency: float = 0.0
 
     @property
     def backlog(self) -> int:
@@ -409,9 +412,10 @@ class Simulation:
     def observe(self) -> Observation:
         """Read the pool the way the Redis reader does."""
         now = self.now
-        latency = 0.0
+        queue_latency = 0.0
         if self.queue:
-            latency = now - self.queue[0].enqueued_at
+            queue_latency = now - self.queue[0].enqueued_at
+        latency = queue_latency
         if self.scheduled_due:
             latency = max(latency, now - self.scheduled_due[0].due)
         busy = running = idle = 0
@@ -437,6 +441,7 @@ class Simulation:
             longest_running=now - oldest_start,
             processed=self.processed,
             upcoming=self.upcoming(now),
+            queue_latency=queue_latency,
         )
 
     def upcoming(self, now: float) -> int:

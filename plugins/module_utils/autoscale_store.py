@@ -131,9 +131,7 @@ def extend_lock(client: Any, keys: FleetKeys, value: str, ttl_seconds: float) ->
     return bool(script(keys=[keys.lock], args=[value, max(1, int(ttl_seconds * 1000))]))
 
 
-def write_state(
-    client: Any, keys: FleetKeys, value: str, fields: Mapping[str, str], release: bool = False
-) -> bool:
+def write_state(client: Any, keys: FleetKeys, value: str, fields: Mapping[str, str], release: bool = False) -> bool:
     """Write state fields (and release the lock) only while this run holds the lock; return whether it did."""
     arguments: list[str] = [value, "release" if release else "keep", str(STATE_TTL)]
     for name, text in fields.items():

@@ -22,9 +22,7 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_mo
 UNIT_PATTERN = re.compile(r"^sidekiq-(?P<pool>[a-z0-9][-a-z0-9]*)@(?P<number>[0-9]+)\.service$")
 # The shell command of the playbook's first play: the host's node name, which Sidekiq puts into its identity,
 # then every loaded instance of every pool.
-READ_COMMAND = (
-    "uname -n && systemctl show --no-pager --property=Id,ActiveState,SubState,MainPID 'sidekiq-*@*.service'"
-)
+READ_COMMAND = "uname -n && systemctl show --no-pager --property=Id,ActiveState,SubState,MainPID 'sidekiq-*@*.service'"
 # States in which a unit counts as a running process of its pool: booting (activating) included.
 COUNTED_STATES = frozenset({"active", "activating", "reloading"})
 # States in which a unit number is free to start again.
@@ -215,9 +213,9 @@ def parse_host_readings(instances: Mapping[str, Any], pools: Iterable[str]) -> l
 def match_instances(readings: Sequence[HostReading], processes: Iterable[ProcessState]) -> dict[str, list[Instance]]:
     """Match every counted unit on a reachable host to the live Sidekiq process with its hostname and MainPID."""
     by_host_pid: dict[tuple[str, int], ProcessState] = {}
-    for process in processes:
-        if process.live and process.hostname is not None and process.pid is not None:
-            by_host_pid[(process.hostname, process.pid)] = process
+    for candidate in processes:
+        if candidate.live and candidate.hostname is not None and candidate.pid is not None:
+            by_host_pid[(candidate.hostname, candidate.pid)] = candidate
     matched: dict[str, list[Instance]] = {}
     for reading in readings:
         if not reading.reachable:
@@ -225,7 +223,9 @@ def match_instances(readings: Sequence[HostReading], processes: Iterable[Process
         for unit in reading.units:
             if not unit.counted:
                 continue
-            process = by_host_pid.get((reading.hostname or reading.host, unit.main_pid)) if unit.main_pid else None
+            process: ProcessState | None = None
+            if unit.main_pid:
+                process = by_host_pid.get((reading.hostname or reading.host, unit.main_pid))
             matched.setdefault(unit.pool, []).append(
                 Instance(
                     host=reading.host,
@@ -252,7 +252,9 @@ def occupied_numbers(readings: Sequence[HostReading], pool: str) -> dict[str, se
     return occupied
 
 
-def plan_starts(pool: str, instances: Sequence[Instance], occupied: Mapping[str, set[int]], count: int) -> list[UnitAction]:
+def plan_starts(
+    pool: str, instances: Sequence[Instance], occupied: Mapping[str, set[int]], count: int
+) -> list[UnitAction]:
     """Place `count` new processes one at a time on the host that runs the fewest of the pool.
 
     Ties go to the host listed first. Each new unit takes the lowest instance number not occupied on its host.
@@ -294,9 +296,7 @@ def _stop_order(instance: Instance, remaining: Mapping[str, int], hosts: Sequenc
     return (not instance.quiet, busy, -remaining.get(instance.host, 0), -instance.number, host_index)
 
 
-def plan_stops(
-    pool: str, instances: Sequence[Instance], count: int, hosts: Sequence[str]
-) -> list[UnitAction]:
+def plan_stops(pool: str, instances: Sequence[Instance], count: int, hosts: Sequence[str]) -> list[UnitAction]:
     """Choose `count` units to stop, one at a time: quiet ones first, then the least busy.
 
     Among equally busy units the one on the host that runs the most of the pool goes first, so hosts stay

@@ -27,6 +27,7 @@ How a decision is made:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -66,6 +67,17 @@ SCALE_OUT_LATENCY = 0.5
 SCALE_IN_MARGIN = 0.05
 # Seconds over which the arrival rate is measured: long enough to smooth noise, short enough to follow a trend.
 ARRIVAL_WINDOW = 300.0
+# Spreads by which an interval's arrival rate must differ from the newer intervals' mean to mark a level shift, so
+# that the arrival estimate keeps only the intervals after it.
+LEVEL_SHIFT_SPREADS = 3.0
+EXCESS_SPREADS = 1.0
+POISSON_ALLOWANCE = 1.0
+TREND = 1.0
+TREND_SIGNIFICANCE = 2.0
+# Seconds in which the threads added for a backlog should start the waiting jobs, when longer than the target
+# latency. New processes need time to boot and the next run corrects the count, so draining a burst's backlog
+# within the target latency itself would start far more processes than the burst keeps busy.
+DRAIN_TIME = 0.0
 # Seconds of samples used to estimate the mean job duration, because Little's law over one run is noisy.
 SERVICE_TIME_WINDOW = 600.0
 # Seconds ahead in which the reader counts scheduled and retry jobs that will come due (`PoolSignals.upcoming`).
@@ -511,18 +523,18 @@ def _measure_throughput(signals: PoolSignals, state: PolicyState) -> float | Non
     return finished / elapsed
 
 
-def _measure_arrival(signals: PoolSignals, state: PolicyState, throughput: float | None) -> float | None:
-    """Measure the arrival rate to size for over about ARRIVAL_WINDOW seconds; None without a throughput.
+def _interval_arrivals(
+    signals: PoolSignals, state: PolicyState, throughput: float | None
+) -> list[tuple[float, float]]:
+    """Return (jobs arrived, seconds) of each run interval over about ARRIVAL_WINDOW seconds, newest first.
 
     Every job that arrived in a run's interval has finished, is still waiting or is running, so the arrivals are
-    the jobs finished plus the growth of backlog and busy threads. The result is the mean rate of the window plus
-    one standard deviation of the rate from run to run beyond what Poisson arrivals explain. The Erlang C sizing
-    covers Poisson noise, but not a rate that swings from minute to minute. The window ends early at a run whose
-    throughput is unknown.
+    the jobs finished plus the growth of backlog and busy threads. The list ends early at a run whose throughput
+    is unknown, and it is empty without a throughput.
     """
     if throughput is None:
-        return None
-    rates: list[tuple[float, float]] = []
+        return []
+    intervals: list[tuple[float, float]] = []
     later = (signals.now, signals.backlog, signals.busy, throughput)
     for sample in reversed(state.samples):
         later_at, later_backlog, later_busy, later_throughput = later
@@ -530,19 +542,73 @@ def _measure_arrival(signals: PoolSignals, state: PolicyState, throughput: float
             continue
         elapsed = later_at - sample.at
         arrived = later_throughput * elapsed + later_backlog - sample.backlog + later_busy - sample.busy
-        rates.append((arrived, elapsed))
+        intervals.append((max(0.0, arrived), elapsed))
         if signals.now - sample.at >= ARRIVAL_WINDOW or sample.throughput is None:
             break
         later = (sample.at, sample.backlog, sample.busy, sample.throughput)
-    if not rates:
+    return intervals
+
+
+def _rate_spread(rates: Sequence[float]) -> float:
+    """Return a robust standard deviation of the rates from the differences between nearby intervals.
+
+    For independent rates with standard deviation s, the median absolute difference of two of them is
+    0.6745 * sqrt(2) * s. The differences at a lag of one and of two intervals are both used, and the larger
+    estimate is returned, so that a rate that holds for two runs before it changes still shows its spread. A
+    level shift (a burst that starts or ends) spoils only the few differences across it, which moves the median
+    little, so it does not make an ordinary spread look large. Fewer than three rates give 0.
+    """
+    estimates = [0.0]
+    for lag in (1, 2):
+        differences = [abs(later - earlier) for later, earlier in zip(rates, rates[lag:], strict=False)]
+        if len(differences) >= 2:
+            estimates.append(1.4826 * statistics.median(differences) / math.sqrt(2.0))
+    return max(estimates)
+
+
+def _measure_arrival(signals: PoolSignals, state: PolicyState, throughput: float | None) -> float | None:
+    """Measure the arrival rate to size for; None without a throughput."""
+    intervals = _interval_arrivals(signals, state, throughput)
+    if not intervals:
         return None
-    duration = sum(elapsed for _, elapsed in rates)
-    mean = max(0.0, sum(arrived for arrived, _ in rates) / duration)
-    if len(rates) < 3:
+    spread = _rate_spread([arrived / elapsed for arrived, elapsed in intervals])
+    joined = [intervals[0]]
+    arrived_sum, elapsed_sum = intervals[0]
+    for arrived, elapsed in intervals[1:]:
+        mean = arrived_sum / elapsed_sum
+        rate = arrived / elapsed
+        poisson = max(mean, rate) * (1.0 / elapsed + 1.0 / elapsed_sum)
+        if abs(rate - mean) > LEVEL_SHIFT_SPREADS * math.sqrt(spread * spread + poisson):
+            break
+        joined.append((arrived, elapsed))
+        arrived_sum += arrived
+        elapsed_sum += elapsed
+    mean = arrived_sum / elapsed_sum
+    if len(joined) < 3:
         return mean
-    variance = sum(elapsed * (arrived / elapsed - mean) ** 2 for arrived, elapsed in rates) / duration
-    poisson_variance = mean * len(rates) / duration
-    return mean + math.sqrt(max(0.0, variance - poisson_variance))
+    # Weighted least squares of rate on time (time measured back from now, at each interval's middle).
+    points = []
+    end = 0.0
+    for arrived, elapsed in joined:
+        points.append((-(end + elapsed / 2.0), arrived / elapsed, elapsed))
+        end += elapsed
+    center = sum(x * w for x, _, w in points) / elapsed_sum
+    sxx = sum(w * (x - center) ** 2 for x, _, w in points)
+    sxy = sum(w * (x - center) * (y - mean) for x, y, w in points)
+    slope = sxy / sxx if sxx > 0 else 0.0
+    residual = sum(w * (y - mean - slope * (x - center)) ** 2 for x, y, w in points) / elapsed_sum
+    level = mean
+    if TREND and sxx > 0 and len(joined) >= 4:
+        slope_error = math.sqrt(residual * elapsed_sum / max(1, len(joined) - 2) / sxx)
+        if abs(slope) > TREND_SIGNIFICANCE * slope_error:
+            level = max(0.0, mean + slope * (0.0 - center))
+        else:
+            residual = sum(w * (y - mean) ** 2 for x, y, w in points) / elapsed_sum
+    else:
+        residual = sum(w * (y - mean) ** 2 for x, y, w in points) / elapsed_sum
+    poisson_variance = mean * len(joined) / elapsed_sum
+    excess = residual - POISSON_ALLOWANCE * poisson_variance
+    return level + EXCESS_SPREADS * math.sqrt(max(0.0, excess))
 
 
 def _estimate_service_time(signals: PoolSignals, state: PolicyState, throughput: float | None) -> float | None:
@@ -582,9 +648,12 @@ def estimate_demand(signals: PoolSignals, settings: PolicySettings, state: Polic
         )
         backlog_threads = 0.0
         if waiting and late and urgent:
-            # An added thread starts target_latency / service_time waiting jobs within the target, or one job
-            # when jobs run longer than the target.
-            backlog_threads = waiting * min(1.0, service_time / target)
+            # The pool needs the arrival load plus enough threads to start the waiting jobs within the drain time
+            # (one thread per job when jobs run longer than that). Headroom that the arrival sizing already
+            # holds above the load drains the backlog too, so only the rest is added.
+            drain_time = max(target, DRAIN_TIME)
+            drain_threads = waiting * min(1.0, service_time / drain_time)
+            backlog_threads = max(0.0, load + drain_threads - arrival_threads)
     else:
         # Without a rate, keep the busy threads with headroom and give each waiting job a thread. This errs on
         # the large side, and the step limit bounds it until the next run measures a rate.
@@ -647,7 +716,7 @@ def _explain_demand(signals: PoolSignals, settings: PolicySettings, demand: Dema
 
 
 def _keep_samples(samples: Sequence[Sample], now: float, settings: PolicySettings) -> tuple[Sample, ...]:
-    horizon = max(settings.scale_in_stabilization, SERVICE_TIME_WINDOW)
+    horizon = max(settings.scale_in_stabilization, SERVICE_TIME_WINDOW, ARRIVAL_WINDOW)
     kept = [sample for sample in samples if now - horizon <= sample.at < now]
     return tuple(kept[-(MAX_SAMPLES - 1) :])
 

@@ -1,0 +1,601 @@
+"""The AWS backends' common core: members, their Sidekiq processes, and the plan of one run. Pure, no I/O.
+
+A member is what the platform starts and stops: an EC2 instance of an Auto Scaling group, or a task of an ECS
+service. Each member runs `per_member` Sidekiq processes of the pool (one by default).
+
+Processes are matched to members in this order:
+
+1. A Sidekiq label ``instance-id=<id>`` (EC2) or ``task-id=<id>`` (ECS, the last part of the task ARN, or the
+   whole ARN). Set it in sidekiq.yml (``:labels: ["instance-id=<%= ENV['EC2_INSTANCE_ID'] %>"]``) or in app code.
+2. The process's hostname, which Sidekiq takes from ``Socket.gethostname`` (or ``DYNO``) and writes into its
+   identity. It matches an instance's private DNS name, that name's first label (``ip-10-0-1-23``), or the
+   instance id (resource-name hostnames); for a task, its network interface's private DNS name or
+   ``ip-a-b-c-d`` address name (awsvpc), or the first 12 characters of its container id (bridge mode). A
+   hostname that fits several members matches none of them, so tasks sharing a host's network need labels.
+
+`plan_scaling` turns a reading and the policy's desired process count into a plan. Chosen members leave in two
+runs or more, so that no job is lost: a run records them as leaving, protects them from scale-in and quiets
+their processes; a later run removes those that are quiet and idle. Protection rules and the order of the API
+calls are in the module ``scaling_aws``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_model import ProcessState
+
+INSTANCE_LABEL = "instance-id"
+TASK_LABEL = "task-id"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One EC2 instance or ECS task that the group or service counts.
+
+    Attributes:
+        id: the instance id, or the task ARN.
+        label_ids: the values a Sidekiq label may carry to name this member (instance id; task id and ARN).
+        state: the lifecycle state (EC2) or last status (ECS), for messages.
+        ready: in service (EC2) or running (ECS): it can be protected, chosen to leave and removed.
+        protected: whether scale-in protection is on.
+        protection_expires: epoch seconds when ECS task protection lapses; None when off or without expiry.
+        zone: availability zone, used to keep zones balanced when members are chosen to leave.
+        launched_at: epoch seconds of the launch, used to choose the newest of equally busy members.
+        hostnames: lowercase hostnames that a Sidekiq process on this member may report.
+    """
+
+    id: str
+    label_ids: tuple[str, ...]
+    state: str
+    ready: bool
+    protected: bool
+    protection_expires: float | None = None
+    zone: str | None = None
+    launched_at: float | None = None
+    hostnames: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LeavingEntry:
+    """The record that a member was chosen to leave, kept in Redis between runs.
+
+    Attributes:
+        since: epoch seconds when the member was chosen.
+        removed: ECS only: the service's desired count was already lowered for this task.
+    """
+
+    since: float
+    removed: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"since": self.since, "removed": self.removed}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LeavingEntry | None:
+        """Load an entry; None when the text is not an entry, so the caller drops it."""
+        try:
+            data = json.loads(text)
+            return cls(since=float(data["since"]), removed=bool(data.get("removed", False)))
+        except (TypeError, ValueError, KeyError):
+            return None
+
+
+def process_busy(process: ProcessState) -> int:
+    """Return the busy threads of a process: the larger of its heartbeat count and its work hash."""
+    return max(process.busy, sum(process.busy_by_queue.values()))
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """A member with the live Sidekiq processes matched to it and its leaving record."""
+
+    member: Member
+    processes: tuple[ProcessState, ...] = ()
+    leaving: LeavingEntry | None = None
+
+    @property
+    def busy(self) -> int:
+        return sum(process_busy(process) for process in self.processes)
+
+    @property
+    def quiet(self) -> bool:
+        """Whether the member runs processes and every one of them is quiet."""
+        return bool(self.processes) and all(process.quiet for process in self.processes)
+
+    @property
+    def drained(self) -> bool:
+        """Whether a leaving member can go: every process is quiet and idle in the same heartbeat, or none is left.
+
+        Sidekiq 6.4 writes ``quiet`` and ``busy`` into the heartbeat hash together, and a fetch that returns after
+        the quiet signal puts its job back, so a quiet process with no busy thread runs no job.
+        """
+        if self.leaving is None or not self.member.ready:
+            return False
+        return all(process.quiet and process_busy(process) == 0 for process in self.processes)
+
+    @property
+    def unquieted(self) -> tuple[str, ...]:
+        """Identities of the member's processes that are not quiet yet."""
+        return tuple(process.identity for process in self.processes if not process.quiet)
+
+
+def _hostname_keys(hostname: str) -> tuple[str, ...]:
+    name = hostname.strip().lower().rstrip(".")
+    short = name.split(".", 1)[0]
+    return (name, short) if short != name else (name,)
+
+
+def _label_values(process: ProcessState, key: str) -> list[str]:
+    prefix = f"{key}="
+    return [label[len(prefix) :].strip() for label in process.labels if label.startswith(prefix)]
+
+
+def match_processes(
+    members: Sequence[Member], processes: Iterable[ProcessState], label_key: str
+) -> tuple[dict[str, list[ProcessState]], list[str]]:
+    """Match the pool's live processes to members by label, then by hostname; return the matches and notes."""
+    by_label: dict[str, str] = {}
+    by_hostname: dict[str, set[str]] = {}
+    for member in members:
+        for value in member.label_ids:
+            by_label[value] = member.id
+        for hostname in member.hostnames:
+            for key in _hostname_keys(hostname):
+                by_hostname.setdefault(key, set()).add(member.id)
+
+    matched: dict[str, list[ProcessState]] = {member.id: [] for member in members}
+    unmatched: list[str] = []
+    ambiguous: list[str] = []
+    for process in processes:
+        if not process.live:
+            continue
+        labelled = _label_values(process, label_key)
+        if labelled:
+            owner = next((by_label[value] for value in labelled if value in by_label), None)
+            if owner is None:
+                unmatched.append(process.identity)
+            else:
+                matched[owner].append(process)
+            continue
+        owners: set[str] = set()
+        for key in _hostname_keys(process.hostname or ""):
+            owners |= by_hostname.get(key, set())
+        if len(owners) == 1:
+            matched[owners.pop()].append(process)
+        elif owners:
+            ambiguous.append(process.identity)
+        else:
+            unmatched.append(process.identity)
+
+    notes: list[str] = []
+    if ambiguous:
+        notes.append(
+            f"{len(ambiguous)} live processes have a hostname that fits several members ({_sample(ambiguous)}); "
+            f"give them a '{label_key}=<id>' label so they can be matched."
+        )
+    if unmatched:
+        notes.append(
+            f"{len(unmatched)} live processes of the pool belong to no member ({_sample(unmatched)}); they are "
+            f"never quieted by this backend. Check their '{label_key}' label or hostname."
+        )
+    return matched, notes
+
+
+def _sample(items: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def build_views(
+    members: Sequence[Member],
+    processes: Iterable[ProcessState],
+    leaving: Mapping[str, LeavingEntry],
+    label_key: str,
+) -> tuple[tuple[MemberView, ...], list[str], tuple[str, ...]]:
+    """Join members, processes and leaving records; return the views, notes, and records of members now gone."""
+    matched, notes = match_processes(members, processes, label_key)
+    views = tuple(
+        MemberView(member=member, processes=tuple(matched[member.id]), leaving=leaving.get(member.id))
+        for member in members
+    )
+    silent = [view.member.id for view in views if view.member.ready and not view.processes and not view.leaving]
+    if silent:
+        notes.append(
+            f"{len(silent)} members run no live Sidekiq process of the pool ({_sample(silent)}): still booting, or "
+            f"their '{label_key}' label or hostname does not match. They are never chosen to leave."
+        )
+    present = {member.id for member in members}
+    gone = tuple(sorted(member_id for member_id in leaving if member_id not in present))
+    return views, notes, gone
+
+
+@dataclass(frozen=True)
+class ScalingReading:
+    """What one run read about an Auto Scaling group or ECS service and its processes.
+
+    Attributes:
+        backend: ``aws_asg`` or ``aws_ecs``.
+        target: the resource in words, for messages (``Auto Scaling group 'sidekiq-default'``).
+        unit: what a member is called in messages (``instance`` or ``task``).
+        capacity: the group's desired capacity or the service's desired count, in members.
+        min_capacity, max_capacity: the group's MinSize and MaxSize; 0 and None for a service.
+        per_member: Sidekiq processes per member.
+        members: the counted members, with processes and leaving records.
+        steady: whether members may be chosen to leave and removed now (ECS: no deployment in progress, and
+            every task counted by the desired count is running).
+        unsteady_reason: why not, as a sentence.
+        exact_removal: True when the platform removes a named member (EC2 TerminateInstanceInAutoScalingGroup);
+            False when the platform chooses among unprotected members (ECS lowers the desired count).
+        protection_minutes: ECS task protection lasts this long and is renewed at half; None for EC2, whose
+            protection does not expire.
+        gone: leaving records of members that no longer exist, to delete.
+        notes: sentences about matching and configuration.
+        now: epoch seconds of the reading.
+    """
+
+    backend: str
+    target: str
+    unit: str
+    capacity: int
+    min_capacity: int
+    max_capacity: int | None
+    per_member: int
+    members: tuple[MemberView, ...]
+    steady: bool = True
+    unsteady_reason: str | None = None
+    exact_removal: bool = True
+    protection_minutes: int | None = None
+    gone: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    now: float = 0.0
+
+    @property
+    def leaving(self) -> tuple[MemberView, ...]:
+        """Members chosen to leave that still count in the capacity."""
+        return tuple(view for view in self.members if view.leaving and not view.leaving.removed)
+
+    @property
+    def requested_processes(self) -> int:
+        """The process count the backend is set to, without leaving members: the policy's `requested` signal."""
+        return max(self.capacity - len(self.leaving), 0) * self.per_member
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "target": self.target,
+            "capacity": self.capacity,
+            "min_capacity": self.min_capacity,
+            "max_capacity": self.max_capacity,
+            "per_member": self.per_member,
+            "requested_processes": self.requested_processes,
+            "steady": self.steady,
+            "members": [
+                {
+                    "id": view.member.id,
+                    "state": view.member.state,
+                    "protected": view.member.protected,
+                    "processes": [process.identity for process in view.processes],
+                    "busy": view.busy,
+                    "quiet": view.quiet,
+                    "leaving": view.leaving is not None,
+                }
+                for view in self.members
+            ],
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A drained member to remove. `decrement` lowers the desired capacity with it (EC2); False replaces it."""
+
+    member_id: str
+    decrement: bool = True
+
+
+@dataclass(frozen=True)
+class ScalingPlan:
+    """The changes of one run, in the order `apply` makes them, with the sentences that explain them.
+
+    Attributes:
+        capacity_after: the desired capacity or count once the run's changes are made.
+        set_capacity: whether a SetDesiredCapacity or UpdateService call is needed for it (EC2 removals lower
+            the capacity by themselves).
+        leave: members newly chosen to leave.
+        record: leaving entries to write before anything else: the new leavers, and on ECS the tasks whose
+            removal this run makes (removed) or undoes (reset).
+        protect, unprotect: members whose scale-in protection is turned on (or renewed) or off.
+        quiet: (member id, process identities) to send TSTP to.
+        remove: drained members to remove.
+        reset: ECS tasks recorded as removed that are still counted by the service (ECS stopped another task),
+            to count as leaving again.
+        forget: leaving records to delete because the member is gone.
+    """
+
+    backend: str
+    target: str
+    unit: str
+    desired_processes: int
+    capacity_before: int
+    capacity_after: int
+    set_capacity: bool
+    requested_before: int
+    requested_after: int
+    leave: tuple[str, ...] = ()
+    record: tuple[tuple[str, LeavingEntry], ...] = ()
+    protect: tuple[str, ...] = ()
+    unprotect: tuple[str, ...] = ()
+    quiet: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    remove: tuple[Removal, ...] = ()
+    reset: tuple[str, ...] = ()
+    forget: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        """Whether applying the plan changes anything in AWS or Redis."""
+        return bool(
+            self.set_capacity
+            or self.leave
+            or self.record
+            or self.protect
+            or self.unprotect
+            or self.quiet
+            or self.remove
+            or self.reset
+            or self.forget
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "target": self.target,
+            "desired_processes": self.desired_processes,
+            "capacity_before": self.capacity_before,
+            "capacity_after": self.capacity_after,
+            "requested_before": self.requested_before,
+            "requested_after": self.requested_after,
+            "leave": list(self.leave),
+            "protect": list(self.protect),
+            "unprotect": list(self.unprotect),
+            "quiet": {member: list(identities) for member, identities in self.quiet},
+            "remove": [{"id": removal.member_id, "decrement": removal.decrement} for removal in self.remove],
+            "reset": list(self.reset),
+            "forget": list(self.forget),
+            "changed": self.changed,
+            "notes": list(self.notes),
+        }
+
+
+def members_for(processes: int, per_member: int) -> int:
+    """Return the members that run `processes` processes, rounding up."""
+    return math.ceil(max(processes, 0) / per_member)
+
+
+def choose_leavers(candidates: Sequence[MemberView], count: int) -> list[MemberView]:
+    """Choose `count` members to leave, one at a time: quiet ones first, then the least busy.
+
+    Among equally busy members the one in the zone with the most remaining candidates goes first, so zones stay
+    balanced, then the newest, then the lowest id, so that the choice is stable from run to run.
+    """
+    remaining: dict[str | None, int] = {}
+    for view in candidates:
+        remaining[view.member.zone] = remaining.get(view.member.zone, 0) + 1
+    pool = list(candidates)
+    chosen: list[MemberView] = []
+
+    def order(view: MemberView) -> tuple[Any, ...]:
+        launched = view.member.launched_at if view.member.launched_at is not None else 0.0
+        return (not view.quiet, view.busy, -remaining[view.member.zone], -launched, view.member.id)
+
+    for _ in range(min(count, len(pool))):
+        best = min(pool, key=order)
+        pool.remove(best)
+        remaining[best.member.zone] -= 1
+        chosen.append(best)
+    return chosen
+
+
+def _needs_protection(view: MemberView, reading: ScalingReading) -> bool:
+    """Whether a ready member must get protection now: it has none, or ECS protection passed half its term."""
+    member = view.member
+    if not member.ready:
+        return False
+    if not member.protected:
+        return True
+    if reading.protection_minutes is None or member.protection_expires is None:
+        return False
+    return member.protection_expires - reading.now < reading.protection_minutes * 60 / 2
+
+
+def _ids(views: Iterable[MemberView]) -> str:
+    return ", ".join(view.member.id for view in views)
+
+
+def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan:
+    """Plan the run that takes the group or service towards `desired_processes` processes of the pool."""
+    if isinstance(desired_processes, bool) or not isinstance(desired_processes, int) or desired_processes < 0:
+        raise ValueError(f"desired_processes {desired_processes!r} is invalid; it must be an integer >= 0")
+    unit = reading.unit
+    notes = list(reading.notes)
+    capacity = reading.capacity
+
+    # ECS: a task recorded as removed but still counted while the service is steady was kept by ECS, which
+    # stopped another task instead. It counts as leaving again and is removed once more.
+    reset = [view for view in reading.members if view.leaving and view.leaving.removed and reading.steady]
+    if not reading.exact_removal and reset:
+        notes.append(
+            f"ECS kept {_ids(reset)} after the desired count was lowered for it, so it counts as leaving again."
+        )
+    else:
+        reset = []
+    reset_ids = {view.member.id for view in reset}
+    leaving = [
+        view
+        for view in reading.members
+        if view.leaving is not None and (not view.leaving.removed or view.member.id in reset_ids)
+    ]
+    active = [view for view in reading.members if not view.leaving]
+    active_requested = max(capacity - len(leaving), 0)
+
+    target = members_for(desired_processes, reading.per_member)
+    if target < reading.min_capacity:
+        notes.append(
+            f"{desired_processes} processes need {target} {unit}s, below the minimum of {reading.min_capacity} "
+            f"of the {reading.target}, so {reading.min_capacity} are kept."
+        )
+        target = reading.min_capacity
+    if reading.max_capacity is not None and target > reading.max_capacity:
+        notes.append(
+            f"{desired_processes} processes need {target} {unit}s, above the maximum of {reading.max_capacity} "
+            f"of the {reading.target}, so it is held at {reading.max_capacity}."
+        )
+        target = reading.max_capacity
+
+    # Drained leaving members go now. On ECS only when the service is steady, because ECS itself picks the
+    # tasks it stops, and every other task must be protected and running at that moment.
+    drained = [view for view in leaving if view.drained]
+    if drained and not reading.exact_removal and not reading.steady:
+        notes.append(f"Not removing {_ids(drained)} yet: {reading.unsteady_reason}")
+        drained = []
+    drained_ids = {view.member.id for view in drained}
+
+    # New leavers, when the policy asks for fewer members than are requested without the leaving ones.
+    new_leavers: list[MemberView] = []
+    active_after = target
+    if target < active_requested:
+        wanted = active_requested - target
+        if not reading.steady:
+            notes.append(f"Not choosing {unit}s to leave: {reading.unsteady_reason}")
+        else:
+            candidates = [view for view in active if view.member.ready and view.processes]
+            new_leavers = choose_leavers(candidates, wanted)
+            if len(new_leavers) < wanted:
+                notes.append(
+                    f"Only {len(new_leavers)} of {wanted} {unit}s can be chosen to leave, because the others run "
+                    "no matched Sidekiq process or are not ready."
+                )
+        active_after = active_requested - len(new_leavers)
+    new_ids = {view.member.id for view in new_leavers}
+
+    leaving_after = [view for view in leaving if view.member.id not in drained_ids] + new_leavers
+    capacity_after = active_after + len(leaving_after)
+    if reading.max_capacity is not None and capacity_after > reading.max_capacity:
+        notes.append(
+            f"The {reading.target} is held at its maximum of {reading.max_capacity}; the remaining "
+            f"{capacity_after - reading.max_capacity} {unit}s follow once the leaving ones are gone."
+        )
+        capacity_after = reading.max_capacity
+    capacity_after = max(capacity_after, reading.min_capacity)
+
+    # EC2 removes a named instance and lowers the capacity with it, except where that would go below MinSize:
+    # then the instance is replaced by a fresh one.
+    removals: list[Removal] = []
+    running_capacity = capacity
+    for view in drained:
+        decrement = not reading.exact_removal or running_capacity - 1 >= reading.min_capacity
+        if decrement:
+            running_capacity -= 1
+        elif reading.exact_removal:
+            notes.append(
+                f"{view.member.id} is replaced instead of removed: lowering the capacity would go below the "
+                f"minimum of {reading.min_capacity}."
+            )
+        removals.append(Removal(member_id=view.member.id, decrement=decrement))
+    capacity_after_removals = running_capacity if reading.exact_removal else capacity
+    set_capacity = capacity_after != capacity_after_removals
+
+    # Protection: leaving members until they are drained; during a scale-in also every busy member that stays;
+    # on ECS, at the moment the desired count is lowered, every member that stays, so ECS stops only drained ones.
+    scaling_in = bool(leaving_after or drained)
+    keepers = [view for view in active if view.member.id not in new_ids]
+    protect_views = list(leaving_after)
+    if scaling_in:
+        protect_views += [view for view in keepers if view.busy > 0]
+    if drained and not reading.exact_removal:
+        protect_views += keepers
+    protect: list[str] = []
+    for view in protect_views:
+        if view.member.id not in protect and _needs_protection(view, reading):
+            protect.append(view.member.id)
+    unprotect = [view.member.id for view in drained if view.member.protected]
+
+    quiet = tuple((view.member.id, view.unquieted) for view in leaving_after if view.unquieted)
+
+    record = [(view.member.id, LeavingEntry(since=reading.now)) for view in new_leavers]
+    if not reading.exact_removal:
+        for view in drained:
+            if view.leaving is not None:
+                record.append((view.member.id, replace(view.leaving, removed=True)))
+        for view in reset:
+            if view.leaving is not None and view.member.id not in drained_ids:
+                record.append((view.member.id, replace(view.leaving, removed=False)))
+
+    _explain(reading, notes, capacity, capacity_after, new_leavers, leaving_after, drained)
+    return ScalingPlan(
+        backend=reading.backend,
+        target=reading.target,
+        unit=unit,
+        desired_processes=desired_processes,
+        capacity_before=capacity,
+        capacity_after=capacity_after,
+        set_capacity=set_capacity,
+        requested_before=active_requested * reading.per_member,
+        requested_after=active_after * reading.per_member,
+        leave=tuple(view.member.id for view in new_leavers),
+        record=tuple(record),
+        protect=tuple(protect),
+        unprotect=tuple(unprotect),
+        quiet=quiet,
+        remove=tuple(removals),
+        reset=tuple(view.member.id for view in reset),
+        forget=reading.gone,
+        notes=tuple(notes),
+    )
+
+
+def _explain(
+    reading: ScalingReading,
+    notes: list[str],
+    capacity: int,
+    capacity_after: int,
+    new_leavers: Sequence[MemberView],
+    leaving_after: Sequence[MemberView],
+    drained: Sequence[MemberView],
+) -> None:
+    """Append the sentences that say what the plan does."""
+    unit = reading.unit
+    noun = "desired capacity" if reading.exact_removal else "desired count"
+    if new_leavers:
+        notes.append(
+            f"Quieting {_ids(new_leavers)} (the least busy) before removing them; they stay protected from "
+            "scale-in until they are idle."
+        )
+    waiting = [view for view in leaving_after if view not in new_leavers]
+    busy = [view for view in waiting if view.busy > 0]
+    if busy:
+        threads = sum(view.busy for view in busy)
+        notes.append(f"Waiting for {_ids(busy)} to finish {threads} running jobs before removing them.")
+    if drained:
+        notes.append(f"Removing {_ids(drained)}: quiet and idle.")
+    if capacity_after != capacity:
+        notes.append(f"Setting the {noun} of the {reading.target} from {capacity} to {capacity_after} {unit}s.")
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What `apply` did, one sentence per step, in order."""
+
+    actions: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"changed": self.changed, "actions": list(self.actions)}

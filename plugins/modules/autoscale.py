@@ -1,0 +1,369 @@
+#!/usr/bin/python
+# Copyright: sidekiq-ops contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: autoscale
+short_description: Decide the size of every Sidekiq pool from its queues and plan the systemd units to change
+version_added: "0.1.0"
+description:
+  - Runs one autoscaling decision for every pool of a fleet, as a scheduled run does every 30 to 60 seconds.
+  - Takes the fleet's lock in Redis (C(SET NX) with a random token and an expiry), so that only one run decides
+    and acts at a time. When another run holds the lock, returns RV(lock_held=true) and changes nothing.
+  - Reads Sidekiq's state once (queues, scheduled and retry jobs, processes, busy threads, the processed
+    counter), loads each pool's policy state kept in Redis by earlier runs, and measures throughput from
+    C(stat:processed) between runs.
+  - Calls the scaling policy for each pool, which returns the desired process count with a reason. Pools with
+    C(processes.min) equal to C(processes.max) and pools that serve a singleton queue are never scaled.
+  - For the V(systemd) backend the module cannot reach the worker hosts itself. The playbook reads the units on
+    each host first and passes them in O(instances). The module plans which units C(sidekiq-<pool>@<n>.service)
+    to start on which host (lowest free instance numbers, on the hosts that run the fewest of the pool) and which
+    to stop (quiet ones first, then the least busy, matched to Sidekiq processes by hostname and C(MainPID)).
+    A scale-in never leaves fewer threads than are busy.
+  - When a worker host could not be read, pools with live processes on that host are not scaled in this run
+    and are reported in RV(problems); the other pools are scaled on the hosts that were read.
+  - Stores each pool's new policy state, but not the scaling action. The module
+    M(sidekiq_ops.fleet.autoscale_commit) records the action once the hosts have carried it out and releases
+    the lock. When no pool has units to change, this module releases the lock itself.
+  - The playbook C(playbooks/autoscale.yml) of the project runs the whole cycle.
+extends_documentation_fragment:
+  - sidekiq_ops.fleet.redis
+attributes:
+  check_mode:
+    support: full
+    description: Decides and plans without taking the lock and without writing anything to Redis.
+  diff_mode:
+    support: full
+    description: Shows the process count of every pool before and after the plan.
+options:
+  pools:
+    description:
+      - Every worker pool of the fleet, in the form of C(sidekiq_pools) in group_vars.
+      - Each pool needs C(name) and C(queues); C(concurrency), C(timeout), C(processes), C(autoscale) and C(tag)
+        are read as the sidekiq role reads them.
+      - Invalid pools or autoscale settings fail the task before anything changes, with a message naming the
+        value and the fix.
+    type: list
+    elements: dict
+    required: true
+  singleton_queues:
+    description:
+      - Queues that must never run in more than one process. Pools that serve one are never scaled.
+    type: list
+    elements: str
+    default: []
+  pools_filter:
+    description:
+      - Names of the pools to decide in this run; the others are left as they are. Empty decides every pool.
+      - A name that is not in O(pools) fails the task.
+    type: list
+    elements: str
+    default: []
+  backend:
+    description:
+      - Where the pools run. V(systemd) plans instance units on the worker hosts of O(instances).
+    type: str
+    choices: [systemd]
+    default: systemd
+  instances:
+    description:
+      - For the V(systemd) backend, the unit reading of every worker host, keyed by inventory host name, in the
+        order hosts should take new processes.
+      - Each value is the result the playbook registered for the command C(uname -n && systemctl show --no-pager
+        --property=Id,ActiveState,SubState,MainPID 'sidekiq-*@*.service') on that host, run with
+        C(ignore_unreachable). A result that is unreachable, failed or missing marks the host as not read.
+    type: dict
+    default: {}
+  fleet:
+    description:
+      - Name of the fleet in the keys of the lock and the state, C(sidekiq-ops:autoscale:<fleet>:lock) and
+        C(sidekiq-ops:autoscale:<fleet>:state), under the O(redis_namespace) prefix when one is set.
+      - Use one name per set of pools that a single autoscaler manages, for example the app name.
+    type: str
+    default: default
+  shutdown_margin:
+    description:
+      - Seconds the stop budget adds to a pool's C(timeout); use the sidekiq role's C(sidekiq_shutdown_margin).
+      - The lock's expiry covers the longest stop: the wait for idle (C(timeout)) plus the stop budget.
+    type: int
+    default: 10
+  start_timeout:
+    description:
+      - Seconds the lock's expiry allows for each planned start; use the sidekiq role's C(sidekiq_start_timeout).
+    type: int
+    default: 90
+notes:
+  - Sidekiq keeps one C(stat:processed) counter for the whole app. With several pools, the jobs finished between
+    two runs are shared out by each pool's busy threads, which is exact only when the pools' jobs take equally
+    long.
+  - The Redis user needs the commands of M(sidekiq_ops.fleet.queue_info) plus C(SET), C(DEL), C(PEXPIRE),
+    C(PTTL), C(HGETALL), C(HSET) and C(EXPIRE) on the keys C(sidekiq-ops:autoscale:*).
+author:
+  - sidekiq-ops contributors
+"""
+
+EXAMPLES = r"""
+- name: Read the units of every pool on the worker hosts
+  ansible.builtin.shell: >-
+    uname -n && systemctl show --no-pager --property=Id,ActiveState,SubState,MainPID 'sidekiq-*@*.service'
+  register: autoscale_units
+  changed_when: false
+  check_mode: false
+  ignore_unreachable: true
+  # runs in a play on the sidekiq_workers group
+
+- name: Decide and plan every pool
+  sidekiq_ops.fleet.autoscale:
+    pools: "{{ sidekiq_pools }}"
+    singleton_queues: "{{ sidekiq_singleton_queues }}"
+    fleet: shop
+    redis_url: "{{ vault_autoscaler_redis_url }}"
+    instances: >-
+      {{ dict(groups['sidekiq_workers'] | zip(groups['sidekiq_workers'] | map('extract', hostvars)
+         | map(attribute='autoscale_units', default={}))) }}
+  register: autoscale_plan
+  # runs in a play on localhost
+
+- name: Decide only the default pool, without acting
+  sidekiq_ops.fleet.autoscale:
+    pools: "{{ sidekiq_pools }}"
+    pools_filter: [default]
+    fleet: shop
+    redis_url: "{{ vault_autoscaler_redis_url }}"
+  check_mode: true
+"""
+
+RETURN = r"""
+msg:
+  description: One sentence with how many pools were decided, how, and how many units change.
+  returned: always
+  type: str
+  sample: "Decided 2 pools of fleet shop: 1 to scale out, 0 to scale in, 1 to hold; 2 units to start and 0 to stop."
+fleet:
+  description: The fleet name of the lock and state keys.
+  returned: always
+  type: str
+  sample: shop
+redis_target:
+  description: The Redis that was used, without credentials.
+  returned: always
+  type: str
+  sample: 10.0.1.5:6379 db 0
+lock_held:
+  description: Whether another run held the fleet's lock, in which case nothing was read or changed.
+  returned: always
+  type: bool
+lock:
+  description: The fleet's lock as this run used it.
+  returned: always
+  type: dict
+  contains:
+    key:
+      description: The Redis key of the lock.
+      type: str
+    value:
+      description: The value this run set (a random token, the control host and the start time); V(null) in check mode.
+      type: str
+    ttl:
+      description: Seconds of the lock's expiry after the plan; V(null) in check mode.
+      type: int
+    released:
+      description: Whether the lock is free again, because nothing is to be done or check mode took none.
+      type: bool
+    holder:
+      description: When RV(lock_held), who holds the lock and when it expires.
+      type: str
+now:
+  description: Redis server time of the reading, epoch seconds.
+  returned: unless lock_held
+  type: float
+pools:
+  description: The decision and plan of every pool that was decided, by pool name.
+  returned: always
+  type: dict
+  contains:
+    status:
+      description: V(act) when units change, V(hold) when none does, V(blocked) when the pool was not decided.
+      type: str
+    action:
+      description: V(scale_out), V(scale_in) or V(hold), after the busy floor and the placement of units.
+      type: str
+    current:
+      description: Running and booting units of the pool on the hosts that were read.
+      type: int
+    desired:
+      description: The process count the policy chose.
+      type: int
+    target:
+      description: The process count the plan reaches; below RV(pools.desired) only when the busy floor keeps processes.
+      type: int
+    recommendation:
+      description: Processes the demand alone needs, within min and max, before steps and cooldowns.
+      type: int
+    reason:
+      description: Plain sentences that state what was measured and why the count was chosen.
+      type: str
+    signals:
+      description: The signals given to the policy (backlog, latency, busy, processes, capacity, idle_processes,
+        requested, throughput).
+      type: dict
+    details:
+      description: The figures behind the reason (arrival rate, job duration, threads needed).
+      type: dict
+    start:
+      description: Units to start, each with C(host), C(unit) and C(pool).
+      type: list
+      elements: dict
+    stop:
+      description: Units to stop, each with C(host), C(unit), C(pool), the process's C(busy) threads and C(identity).
+      type: list
+      elements: dict
+    notes:
+      description: Sentences about anything that changed the plan or needs attention.
+      type: list
+      elements: str
+  sample:
+    default:
+      status: act
+      action: scale_out
+      current: 2
+      desired: 4
+      target: 4
+      reason: "Backlog 1200 jobs with latency 35 s exceeds target 10 s. ... Scaling out from 2 to 4."
+      start:
+        - {host: worker1, unit: sidekiq-default@3.service, pool: default}
+        - {host: worker2, unit: sidekiq-default@3.service, pool: default}
+      stop: []
+starts:
+  description: The units to start, grouped by inventory host, each with C(unit) and C(pool).
+  returned: always
+  type: dict
+  sample: {worker1: [{unit: sidekiq-default@3.service, pool: default}]}
+stops:
+  description: The units to stop, grouped by inventory host, each with C(unit), C(pool), C(timeout) and C(busy).
+  returned: always
+  type: dict
+  sample: {worker2: [{unit: sidekiq-default@2.service, pool: default, timeout: 25, busy: 0}]}
+actions_planned:
+  description: Whether any unit is to be started or stopped.
+  returned: always
+  type: bool
+problems:
+  description: Pools that cannot reach their desired count this run, with the reason.
+  returned: always
+  type: list
+  elements: str
+log_lines:
+  description: One line per pool with the decision, the signals and the reason, for logs and journals.
+  returned: always
+  type: list
+  elements: str
+  sample:
+    - "autoscale shop/default scale_out 2 -> 4 (backlog 1200, latency 35.0 s, busy 20/20 threads): ..."
+unreadable_hosts:
+  description: Worker hosts whose units could not be read, with the reason.
+  returned: always
+  type: dict
+  sample: {worker3: "unreachable: Failed to connect to the host via ssh"}
+"""
+
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_plan import (
+    DEFAULT_START_TIMEOUT,
+    AutoscaleError,
+    PlanRequest,
+    run_plan,
+)
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_signals import validate_request
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_store import FleetKeys, FleetNameError
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_systemd import parse_host_readings
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.pools import DEFAULT_SHUTDOWN_MARGIN
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.redis_connection import (
+    REDIS_ARGUMENT_SPEC,
+    RedisAccessError,
+    connect,
+    mask_secrets,
+    settings_from_params,
+)
+
+
+def argument_spec() -> dict[str, dict[str, Any]]:
+    """Return the module's argument spec: the shared Redis options plus the autoscaler's own."""
+    spec = dict(REDIS_ARGUMENT_SPEC)
+    spec.update(
+        pools={"type": "list", "elements": "dict", "required": True},
+        singleton_queues={"type": "list", "elements": "str", "default": []},
+        pools_filter={"type": "list", "elements": "str", "default": []},
+        backend={"type": "str", "choices": ["systemd"], "default": "systemd"},
+        instances={"type": "dict", "default": {}},
+        fleet={"type": "str", "default": "default"},
+        shutdown_margin={"type": "int", "default": DEFAULT_SHUTDOWN_MARGIN},
+        start_timeout={"type": "int", "default": DEFAULT_START_TIMEOUT},
+    )
+    return spec
+
+
+def build_request(module: AnsibleModule) -> PlanRequest:
+    """Validate every input that does not need Redis; fail the task, naming the value and the fix."""
+    params = module.params
+    settings, errors = validate_request(
+        params["pools"], params["singleton_queues"], params["pools_filter"], params["shutdown_margin"]
+    )
+    if params["start_timeout"] < 1:
+        errors.append(
+            f"start_timeout {params['start_timeout']} is invalid; give the seconds systemd waits for a start (>= 1)"
+        )
+    pool_names = [str(pool.get("name")) for pool in params["pools"]]
+    try:
+        parse_host_readings(params["instances"], pool_names)
+    except ValueError as error:
+        errors.append(str(error))
+    if errors:
+        module.fail_json(msg="Invalid autoscale settings; nothing was changed: " + " | ".join(errors), errors=errors)
+    return PlanRequest(
+        pools=params["pools"],
+        settings=settings,
+        selected=params["pools_filter"] or pool_names,
+        fleet=params["fleet"],
+        instances=params["instances"],
+        margin=params["shutdown_margin"],
+        start_timeout=params["start_timeout"],
+        check_mode=module.check_mode,
+    )
+
+
+def main() -> None:
+    module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
+    try:
+        settings = settings_from_params(module.params)
+        FleetKeys.for_fleet(module.params["fleet"], settings.key_prefix)
+    except (RedisAccessError, FleetNameError) as error:
+        module.fail_json(msg=str(error))
+    request = build_request(module)
+
+    module.no_log_values.update(settings.secrets)
+    for warning in settings.warnings():
+        module.warn(warning)
+    target = settings.describe()
+    try:
+        client = connect(settings)
+        result = run_plan(client, request, settings.key_prefix, settings)
+    except (RedisAccessError, AutoscaleError) as error:
+        module.fail_json(msg=mask_secrets(str(error), settings), redis_target=target)
+
+    for warning in result.pop("warnings"):
+        module.warn(warning)
+    diff = result.pop("diff", None)
+    if module._diff and diff:
+        result["diff"] = diff
+    module.exit_json(changed=bool(result["actions_planned"]), redis_target=target, **result)
+
+
+if __name__ == "__main__":
+    main()
