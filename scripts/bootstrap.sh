@@ -68,6 +68,23 @@ install_python_environment() {
   echo "$wanted" > "$STAMP"
 }
 
+# checkov (the Kubernetes policy scanner the tests run) pins older boto3 and packaging releases than the
+# project uses, so it gets a virtual environment of its own.
+CHECKOV_VENV="$ROOT/.cache/checkov-venv"
+CHECKOV_VERSION="3.3.30"
+install_checkov() {
+  if [ -x "$CHECKOV_VENV/bin/checkov" ] && [ "$(cat "$CHECKOV_VENV/.version" 2>/dev/null)" = "$CHECKOV_VERSION" ]; then
+    log "checkov $CHECKOV_VERSION is installed"
+    return
+  fi
+  log "installing checkov $CHECKOV_VERSION into .cache/checkov-venv"
+  rm -rf "$CHECKOV_VENV"
+  "$(python_interpreter)" -m venv "$CHECKOV_VENV"
+  "$CHECKOV_VENV/bin/python" -m pip install -q "checkov==$CHECKOV_VERSION"
+  echo "$CHECKOV_VERSION" > "$CHECKOV_VENV/.version"
+}
+
 install_debian_packages
 install_python_environment
+install_checkov
 log "ready: activate with 'source .venv/bin/activate'"

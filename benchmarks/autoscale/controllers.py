@@ -45,13 +45,33 @@ def _clamp(value: int, config: PoolConfig) -> int:
     return min(max(value, config.min_processes), config.max_processes)
 
 
-class OurPolicy:
-    """Our policy, called exactly as the autoscale module calls it, with the state stored as JSON."""
+def _floor_text(config: PoolConfig) -> str:
+    """Return ", min N" for a pool whose minimum is above 1, the floor that a sweep point adds, else ""."""
+    return f", min {config.min_processes}" if config.min_processes > 1 else ""
 
-    def __init__(self, config: PoolConfig, interval: float = 30.0, autoscale: dict[str, float] | None = None) -> None:
-        self.name = "ours" if interval == 30.0 else f"ours ({interval:.0f} s runs)"
+
+class OurPolicy:
+    """Our policy, called exactly as the autoscale module calls it, with the state stored as JSON.
+
+    With `full_signals` False the policy gets neither `upcoming` nor `longest_running`, as from a reader that
+    does not count scheduled jobs coming due or the age of running jobs. With `hide_job_ages` every running job
+    looks 0 s old, so the policy never spares busy processes and may interrupt long jobs like the baselines do.
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        interval: float = 30.0,
+        autoscale: dict[str, float] | None = None,
+        full_signals: bool = True,
+        hide_job_ages: bool = False,
+        name: str = "",
+    ) -> None:
+        self.name = name or ("ours" if interval == 30.0 else f"ours ({interval:.0f} s runs)")
         self.interval = interval
         self.settings = settings_from_pool(config.pool_dict(autoscale))
+        self.full_signals = full_signals
+        self.hide_job_ages = hide_job_ages
         self.stored_state = json.dumps(PolicyState().to_dict())
         self.decisions: list[Decision] = []
         self.keep_decisions = False
@@ -68,9 +88,14 @@ class OurPolicy:
             processed=observation.processed,
             requested=observation.requested,
             idle_processes=observation.idle_processes,
-            longest_running=observation.longest_running,
-            upcoming=observation.upcoming,
+            longest_running=self._longest_running(observation),
+            upcoming=observation.upcoming if self.full_signals else None,
         )
+
+    def _longest_running(self, observation: Observation) -> float | None:
+        if self.hide_job_ages:
+            return 0.0
+        return observation.longest_running if self.full_signals else None
 
     def desired(self, observation: Observation) -> int:
         state = PolicyState.from_dict(json.loads(self.stored_state))
@@ -138,9 +163,8 @@ class Judoscale:
     below_since: float | None = None
 
     def __post_init__(self) -> None:
-        self.name = (
-            self.name or f"Judoscale-style (up >{self.upscale_threshold:g} s, down <{self.downscale_threshold:g} s)"
-        )
+        thresholds = f"up >{self.upscale_threshold:g} s, down <{self.downscale_threshold:g} s"
+        self.name = self.name or f"Judoscale-style ({thresholds}{_floor_text(self.config)})"
 
     def desired(self, observation: Observation) -> int:
         return _clamp(self._step(observation), self.config)
@@ -195,9 +219,10 @@ class HireFire:
             raise ValueError(f"strategy {self.strategy!r} is invalid; use job_queue or latency")
         if not self.name:
             if self.strategy == "job_queue":
-                self.name = f"HireFire-style job queue (ratio {self.ratio:g})"
+                self.name = f"HireFire-style job queue (ratio {self.ratio:g}{_floor_text(self.config)})"
             else:
-                self.name = f"HireFire-style latency (up >{self.maximum_latency:g} s, down <{self.minimum_latency:g} s)"
+                thresholds = f"up >{self.maximum_latency:g} s, down <{self.minimum_latency:g} s"
+                self.name = f"HireFire-style latency ({thresholds}{_floor_text(self.config)})"
 
     def _target(self, observation: Observation, current: int) -> int:
         if self.strategy == "job_queue":

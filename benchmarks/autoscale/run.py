@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +39,27 @@ from benchmarks.autoscale.targets import (
     JUDOSCALE,
     KEDA,
     OURS,
+    OURS_INTERRUPTING,
+    OURS_PARTIAL,
     OURS_SLOW,
+    VARIANTS,
     check_targets,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = PoolConfig()
-# Sweep points of each tunable baseline. Judoscale-style: upscale threshold in seconds, with the downscale
-# threshold at a fifth of it. HireFire-style job queue: jobs per process. HireFire-style latency: maximum latency
-# in seconds, with the minimum at a fifth of it. Each range runs from settings that cost more worker time than our
-# policy on every trace to settings that cost less.
-JUDOSCALE_THRESHOLDS = (0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0)
-HIREFIRE_RATIOS = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0)
-HIREFIRE_LATENCIES = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+# Sweep points of the tunable baselines. Judoscale-style and HireFire-style latency: the upscale threshold in
+# seconds, with the downscale threshold at a fifth of it. HireFire-style job queue: jobs per process. A latency
+# threshold alone cannot make those controllers spend much more worker time, because they scale in whenever latency
+# is low, so they also run with a minimum of 2 to 8 processes at one or two thresholds (the floors).
+JUDOSCALE_THRESHOLDS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0)
+JUDOSCALE_FLOOR_THRESHOLDS = (1.0, 5.0)
+HIREFIRE_RATIOS = (1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0)
+HIREFIRE_LATENCIES = (0.5, 2.0, 10.0)
+HIREFIRE_FLOOR_LATENCIES = (2.0,)
+FLOORS = (2, 3, 4, 5, 6, 8)
 # Process counts that the reactive bound keeps outside bursts; see ReactiveBound.
-BOUND_BASES = (2, 3, 4, 5)
+BOUND_BASES = (2, 3, 4, 5, 6, 8)
 # Rows drawn in the plots besides ours: the default settings of each baseline.
 PLOTTED = (
     "KEDA/HPA (listLength 5)",
@@ -64,38 +70,64 @@ PLOTTED = (
 
 @dataclass(frozen=True)
 class Entry:
-    """One autoscaler of the benchmark: its family (see targets.py), a factory and the traces it runs on."""
+    """One autoscaler of the benchmark: its family (see targets.py), a factory, its pool and the traces it runs on.
+
+    The pool differs from CONFIG only in a baseline's floor: its minimum and its processes at the start.
+    """
 
     family: str
-    build: Callable[[], Controller]
+    build: Callable[[PoolConfig], Controller]
+    config: PoolConfig = CONFIG
     only: tuple[str, ...] = ()
+
+
+def floor_config(floor: int) -> PoolConfig:
+    return replace(CONFIG, min_processes=floor, initial_processes=max(floor, CONFIG.initial_processes))
+
+
+def judoscale(threshold: float) -> Callable[[PoolConfig], Controller]:
+    return lambda config: Judoscale(config, upscale_threshold=threshold, downscale_threshold=threshold / 5)
+
+
+def hirefire_queue(ratio: float) -> Callable[[PoolConfig], Controller]:
+    return lambda config: HireFire(config, strategy="job_queue", ratio=ratio)
+
+
+def reactive_bound(base: int) -> Callable[[PoolConfig], Controller]:
+    return lambda config: ReactiveBound(config, base=base)
+
+
+def hirefire_latency(threshold: float) -> Callable[[PoolConfig], Controller]:
+    return lambda config: HireFire(config, strategy="latency", maximum_latency=threshold, minimum_latency=threshold / 5)
 
 
 def entries() -> list[Entry]:
     """Return every autoscaler, so that each simulation starts from a fresh controller."""
     rows = [
-        Entry(OURS, lambda: OurPolicy(CONFIG)),
-        Entry(OURS_SLOW, lambda: OurPolicy(CONFIG, interval=60.0)),
-        Entry(KEDA, lambda: KedaHpa(CONFIG)),
-    ]
-    rows += [
-        Entry(JUDOSCALE, lambda up=up: Judoscale(CONFIG, upscale_threshold=up, downscale_threshold=up / 5))
-        for up in JUDOSCALE_THRESHOLDS
-    ]
-    rows += [
-        Entry(HIREFIRE_QUEUE, lambda ratio=ratio: HireFire(CONFIG, strategy="job_queue", ratio=ratio))
-        for ratio in HIREFIRE_RATIOS
-    ]
-    rows += [
+        Entry(OURS, lambda config: OurPolicy(config)),
+        Entry(OURS_SLOW, lambda config: OurPolicy(config, interval=60.0)),
+        Entry(OURS_PARTIAL, lambda config: OurPolicy(config, full_signals=False, name=OURS_PARTIAL)),
         Entry(
-            HIREFIRE_LATENCY,
-            lambda up=up: HireFire(CONFIG, strategy="latency", maximum_latency=up, minimum_latency=up / 5),
-        )
-        for up in HIREFIRE_LATENCIES
+            OURS_INTERRUPTING,
+            lambda config: OurPolicy(config, hide_job_ages=True, name=OURS_INTERRUPTING),
+            only=("long_jobs",),
+        ),
+        Entry(KEDA, lambda config: KedaHpa(config)),
     ]
+    rows += [Entry(JUDOSCALE, judoscale(threshold)) for threshold in JUDOSCALE_THRESHOLDS]
     rows += [
-        Entry(BOUND, lambda base=base: ReactiveBound(CONFIG, base=base), only=("bursts",)) for base in BOUND_BASES
+        Entry(JUDOSCALE, judoscale(threshold), floor_config(floor))
+        for threshold in JUDOSCALE_FLOOR_THRESHOLDS
+        for floor in FLOORS
     ]
+    rows += [Entry(HIREFIRE_QUEUE, hirefire_queue(ratio)) for ratio in HIREFIRE_RATIOS]
+    rows += [Entry(HIREFIRE_LATENCY, hirefire_latency(threshold)) for threshold in HIREFIRE_LATENCIES]
+    rows += [
+        Entry(HIREFIRE_LATENCY, hirefire_latency(threshold), floor_config(floor))
+        for threshold in HIREFIRE_FLOOR_LATENCIES
+        for floor in FLOORS
+    ]
+    rows += [Entry(BOUND, reactive_bound(base), only=("bursts",)) for base in BOUND_BASES]
     return rows
 
 
@@ -118,7 +150,7 @@ def run_one(task: tuple[str, int]) -> tuple[str, dict[str, Any], dict[str, list[
     started = time.perf_counter()
     trace = load_trace(source)
     entry = entries()[index]
-    result: SimulationResult = simulate(trace, entry.build(), CONFIG)
+    result: SimulationResult = simulate(trace, entry.build(entry.config), entry.config)
     summary = {"family": entry.family, **result.summary()}
     series = {
         "time": list(result.series_time),
@@ -143,17 +175,21 @@ def markdown(results: dict[str, list[dict[str, Any]]], descriptions: dict[str, s
                 f"{row['actions']} | {row['reversals']} | {row['interrupted']} |"
             )
     lines += ["", checks_markdown(results)]
+    for variant in VARIANTS:
+        lines += ["", f"Checks of the variant {variant}, for information:", "", checks_markdown(results, variant)]
     lines += ["", "| trace | description | jobs |", "|---|---|---:|"]
     for trace, rows in results.items():
         lines.append(f"| {trace} | {descriptions[trace]} | {rows[0]['arrived']} |")
     return "\n".join(lines) + "\n"
 
 
-def checks_markdown(results: dict[str, list[dict[str, Any]]]) -> str:
-    """Render the target checks of every trace as one Markdown table."""
+def checks_markdown(results: dict[str, list[dict[str, Any]]], subject: str = OURS) -> str:
+    """Render the target checks of `subject` on every trace as one Markdown table."""
     lines = ["| trace | target | against | result | figures |", "|---|---|---|---|---|"]
     for trace, rows in results.items():
-        for check in check_targets(rows):
+        if not any(row["family"] == subject for row in rows):
+            continue
+        for check in check_targets(rows, subject=subject):
             verdict = "PASS" if check.passed else "**FAIL**"
             lines.append(f"| {trace} | {check.target} | {check.against} | {verdict} | {check.detail} |")
     return "\n".join(lines)
@@ -189,7 +225,7 @@ def plot(trace: str, series: dict[str, dict[str, list[float]]], target: float, o
 
 
 def print_verdicts(results: dict[str, list[dict[str, Any]]]) -> None:
-    """Print one PASS or FAIL line per trace and target, then the count per target."""
+    """Print one PASS or FAIL line per trace and target, the count per target, then the variants' checks."""
     counts: dict[str, list[int]] = {}
     for trace, rows in results.items():
         for check in check_targets(rows):
@@ -200,6 +236,12 @@ def print_verdicts(results: dict[str, list[dict[str, Any]]]) -> None:
             tally[1] += 1
     for target, (passed, total) in counts.items():
         print(f"{target}: {passed} of {total} checks pass")
+    for trace, rows in results.items():
+        for variant in VARIANTS:
+            if any(row["family"] == variant for row in rows):
+                for check in check_targets(rows, subject=variant):
+                    verdict = "pass" if check.passed else "fail"
+                    print(f"info {trace}: {variant} would {verdict} {check.target} against {check.against}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,10 @@
 """The benchmark's targets and how a run's rows are checked against them.
 
-Every result row carries a `family`. Ours runs once per trace at the check interval that the targets use, and
-once more at 60 s for information. KEDA/HPA runs with its default listLength. The Judoscale-style and HireFire-style
-families each run as a sweep over their main setting, because a latency threshold or a jobs-per-process ratio
-trades worker time for latency, and "fewer minutes above target at equal worker time" needs the baseline at our
-worker time.
+Every result row carries a `family`. Ours runs once per trace at the check interval that the targets use, and its
+variants (VARIANTS) run for information. KEDA/HPA runs with its default listLength. The Judoscale-style and
+HireFire-style families each run as a sweep of settings (see run.py), because a latency threshold, a jobs-per-process
+ratio or a minimum process count trades worker time for latency, and "fewer minutes above target at equal worker
+time" needs the baseline at our worker time.
 
 The three targets, per trace:
 
@@ -20,12 +20,17 @@ The three targets, per trace:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 OURS = "ours"
 OURS_SLOW = "ours (60 s runs)"
+OURS_PARTIAL = "ours (no upcoming, no job ages)"
+OURS_INTERRUPTING = "ours (job ages hidden, so it may interrupt)"
+# Variants of ours that run for information: their checks are printed but are not the targets' verdict.
+VARIANTS = (OURS_SLOW, OURS_PARTIAL, OURS_INTERRUPTING)
 KEDA = "KEDA/HPA"
 JUDOSCALE = "Judoscale-style"
 HIREFIRE_QUEUE = "HireFire-style job queue"
@@ -57,31 +62,44 @@ class Check:
     detail: str
 
 
-def frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Return the (worker hours, minutes above target) points that no other point beats or equals on both.
+@dataclass(frozen=True)
+class Point:
+    """One sweep point of a baseline family: worker hours, minutes above target and the row's name."""
+
+    worker: float
+    minutes: float
+    name: str
+
+
+def frontier(points: Sequence[Point]) -> list[Point]:
+    """Return the points that no other point beats or equals on both worker time and minutes above target.
 
     The result is sorted by worker time, and its minutes fall strictly from one point to the next.
     """
-    kept: list[tuple[float, float]] = []
-    for worker, minutes in sorted(points):
-        if kept and minutes >= kept[-1][1]:
+    kept: list[Point] = []
+    for point in sorted(points, key=lambda item: (item.worker, item.minutes)):
+        if kept and point.minutes >= kept[-1].minutes:
             continue
-        kept.append((worker, minutes))
+        kept.append(point)
     return kept
 
 
-def minutes_at(points: Sequence[tuple[float, float]], worker: float) -> float | None:
-    """Return the frontier's minutes above target at `worker` hours; None when every point costs less."""
-    if not points or worker > max(point[0] for point in points):
+def minutes_at(points: Sequence[Point], worker: float) -> tuple[float, list[Point]] | None:
+    """Return the frontier's minutes above target at `worker` hours and the frontier points it comes from.
+
+    Returns None when every point costs less than `worker`, because the family then has no setting at that
+    worker time.
+    """
+    if not points or worker > max(point.worker for point in points):
         return None
     line = frontier(points)
-    if worker <= line[0][0]:
-        return line[0][1]
-    for (left_worker, left_minutes), (right_worker, right_minutes) in zip(line, line[1:], strict=False):
-        if left_worker <= worker <= right_worker:
-            share = (worker - left_worker) / (right_worker - left_worker)
-            return left_minutes + share * (right_minutes - left_minutes)
-    return line[-1][1]
+    if worker <= line[0].worker:
+        return line[0].minutes, [line[0]]
+    for left, right in itertools.pairwise(line):
+        if left.worker <= worker <= right.worker:
+            share = (worker - left.worker) / (right.worker - left.worker)
+            return left.minutes + share * (right.minutes - left.minutes), [left, right]
+    return line[-1].minutes, [line[-1]]
 
 
 def check_keda(ours: Mapping[str, Any], keda: Mapping[str, Any]) -> Check:
@@ -95,23 +113,26 @@ def check_keda(ours: Mapping[str, Any], keda: Mapping[str, Any]) -> Check:
 
 
 def check_family(ours: Mapping[str, Any], family: str, rows: Sequence[Mapping[str, Any]]) -> Check:
-    points = [(row["worker_hours"], row["minutes_above_target"]) for row in rows]
+    points = [Point(row["worker_hours"], row["minutes_above_target"], row["controller"]) for row in rows]
     worker, minutes = ours["worker_hours"], ours["minutes_above_target"]
     reference = minutes_at(points, worker)
     if reference is None:
-        most = max(point[0] for point in points)
+        most = max(point.worker for point in points)
         detail = f"ours uses {worker:.1f} h, more than every sweep point (at most {most:.1f} h)"
         return Check(TARGET_FRONTIER, family, False, detail)
-    detail = (
-        f"{minutes:.1f} min vs {reference:.1f} min on the frontier at {worker:.1f} h "
-        f"(sweep {min(point[0] for point in points):.1f} to {max(point[0] for point in points):.1f} h)"
-    )
-    return Check(TARGET_FRONTIER, family, minutes < reference, detail)
+    value, sources = reference
+    between = " and ".join(f"{point.name}: {point.worker:.1f} h, {point.minutes:.1f} min" for point in sources)
+    detail = f"{minutes:.1f} min vs {value:.1f} min at {worker:.1f} h (frontier from {between})"
+    return Check(TARGET_FRONTIER, family, minutes < value, detail)
 
 
-def check_targets(rows: Sequence[Mapping[str, Any]]) -> list[Check]:
-    """Check the targets on one trace's rows; a family or baseline missing from the rows is skipped."""
-    ours = next(row for row in rows if row["family"] == OURS)
+def check_targets(rows: Sequence[Mapping[str, Any]], subject: str = OURS) -> list[Check]:
+    """Check the targets on one trace's rows for the row of family `subject` (ours unless given).
+
+    A baseline or family missing from the rows is skipped. Checks of a variant of ours are for information only;
+    the targets are about OURS.
+    """
+    ours = next(row for row in rows if row["family"] == subject)
     checks: list[Check] = []
     keda = next((row for row in rows if row["family"] == KEDA), None)
     if keda is not None:
@@ -120,5 +141,5 @@ def check_targets(rows: Sequence[Mapping[str, Any]]) -> list[Check]:
         members = [row for row in rows if row["family"] == family]
         if members:
             checks.append(check_family(ours, family, members))
-    checks.append(Check(TARGET_INTERRUPTED, OURS, ours["interrupted"] == 0, f"{ours['interrupted']} interrupted"))
+    checks.append(Check(TARGET_INTERRUPTED, subject, ours["interrupted"] == 0, f"{ours['interrupted']} interrupted"))
     return checks

@@ -115,11 +115,11 @@ def daily(seed: int = 101) -> Trace:
     return _build("daily", horizon, _immediate(rate, 18.0, horizon, generator), "daily cycle, 1 to 18 jobs/s")
 
 
-def bursts(seed: int = 102) -> Trace:
-    """3 h at 4 jobs/s with 5-minute bursts of 40 jobs/s starting at BURST_STARTS."""
+def bursts(seed: int = 102, shift: float = 0.0) -> Trace:
+    """3 h at 4 jobs/s with 5-minute bursts of 40 jobs/s starting at BURST_STARTS, each moved by `shift` seconds."""
     generator = random.Random(seed)
     horizon = 3 * HOUR
-    starts = [BURST_STARTS[0], BURST_STARTS[1], BURST_STARTS[2]]
+    starts = [start + shift for start in BURST_STARTS]
 
     def rate(at: float) -> float:
         return 40.0 if any(start <= at < start + 300 for start in starts) else 4.0

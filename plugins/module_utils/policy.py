@@ -7,21 +7,28 @@ JSON (through `PolicyState.to_dict`) and applies the desired count through a bac
 
 How a decision is made:
 
-1. Demand, in threads. The arrival rate is the throughput plus the growth of backlog and busy threads over the
-   last ARRIVAL_WINDOW seconds. The mean job duration comes from Little's law (busy threads divided by
-   throughput) over the last SERVICE_TIME_WINDOW seconds. The pool needs enough threads to serve the arrival
-   rate, checked with the Erlang C formula of an M/M/c queue. When the threads left free cannot start the
-   waiting jobs within the target latency, the waiting jobs need threads of their own. Jobs scheduled to come due
-   within the next UPCOMING_WINDOW seconds count as waiting, so the pool grows before a scheduled burst.
-2. Floors. The busy threads are a floor, so a scale-in never leaves fewer threads than jobs running. A pool with
+1. Arrival rate. Each run interval's arrivals are the jobs finished plus the growth of backlog and busy threads.
+   Over the last ARRIVAL_WINDOW seconds the policy keeps the newest intervals that share one level: an interval
+   whose rate differs from the newer ones by more than LEVEL_SHIFT_SPREADS spreads marks a level shift (a burst
+   that starts or ends, a scheduled batch), and the older intervals are dropped. A line fitted through the kept
+   intervals gives the rate now when its trend is significant, and their mean otherwise. The rate to size for
+   adds RATE_SPREADS standard deviations of the swings beyond Poisson noise, so a rate that swings from minute to
+   minute holds a steady count instead of being chased.
+2. Demand, in threads. The mean job duration comes from Little's law over the last SERVICE_TIME_WINDOW seconds.
+   The pool needs the fewest threads that keep, in the M/M/c model, the probability of a wait longer than the
+   target latency at most MAX_LATE_PROBABILITY (the Erlang C formula). When those threads would start the waiting
+   jobs too late, the pool needs the arrival load plus the threads that start the waiting jobs within
+   DRAIN_TIME. Jobs scheduled to come due within the next UPCOMING_WINDOW seconds count as waiting, so the pool
+   grows before a scheduled batch.
+3. Floors. The busy threads are a floor, so a scale-in never leaves fewer threads than jobs running. A pool with
    min 0 wakes up to one process when jobs wait for it, due scheduled and retry jobs included.
-3. Scale-out happens when the demand exceeds the running threads by SCALE_OUT_MARGIN, or at once when latency
+4. Scale-out happens when the demand exceeds the running threads by SCALE_OUT_MARGIN, or at once when latency
    passes SCALE_OUT_LATENCY times the target, limited by max_step_out and the scale-out cooldown. Scale-in goes
    down to the highest demand of the stabilization window plus SCALE_IN_MARGIN, limited by max_step_in and the
    scale-in cooldown. While jobs older than the stop timeout run in the pool, scale-in removes only idle
    processes, because the backend quiets processes and a quiet process pushes back what still runs at the stop
    timeout.
-4. Pools with min == max and singleton pools are never scaled.
+5. Pools with min == max and singleton pools are never scaled.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ DEFAULT_TIMEOUT = 25
 DEFAULT_TARGET_LATENCY = 10.0
 DEFAULT_SCALE_OUT_COOLDOWN = 0.0
 DEFAULT_SCALE_IN_COOLDOWN = 30.0
-DEFAULT_MAX_STEP_OUT = 10
+DEFAULT_MAX_STEP_OUT = 20
 DEFAULT_MAX_STEP_IN = 10
 DEFAULT_SCALE_IN_STABILIZATION = 120.0
 
@@ -53,8 +60,6 @@ MAX_STABILIZATION = 3600.0
 MAX_SAMPLES = 360
 
 # Sizing constants, chosen with the benchmark in benchmarks/autoscale (its README has the measurements).
-# Average utilization of the threads at most, so arrivals may grow a little between two runs.
-MAX_UTILIZATION = 0.95
 # Largest accepted probability, in the M/M/c model, that a job waits longer than the target latency.
 MAX_LATE_PROBABILITY = 0.05
 # Demand above the running threads, as a fraction, that triggers a scale-out while latency stays at most
@@ -62,22 +67,32 @@ MAX_LATE_PROBABILITY = 0.05
 # from flapping, and the latency condition still scales out at once when a queue builds.
 SCALE_OUT_MARGIN = 0.05
 SCALE_OUT_LATENCY = 0.5
-# Extra demand, as a fraction, that the processes left after a scale-in must still cover. This is the gap between
-# the scale-out and the scale-in thresholds that keeps a demand near a process boundary from flapping.
-SCALE_IN_MARGIN = 0.05
-# Seconds over which the arrival rate is measured: long enough to smooth noise, short enough to follow a trend.
-ARRIVAL_WINDOW = 300.0
-# Spreads by which an interval's arrival rate must differ from the newer intervals' mean to mark a level shift, so
-# that the arrival estimate keeps only the intervals after it.
-LEVEL_SHIFT_SPREADS = 3.0
-EXCESS_SPREADS = 1.0
-POISSON_ALLOWANCE = 1.0
-TREND = 1.0
-TREND_SIGNIFICANCE = 2.0
+# Extra demand, as a fraction, that the processes left after a scale-in must still cover, so that a demand that
+# sits on a process boundary does not scale in and out on every run.
+SCALE_IN_MARGIN = 0.02
+# Seconds of run intervals over which the arrival rate is measured. A long window keeps a rate that swings from
+# minute to minute from moving the count, while a level shift cuts the window short and a significant trend is
+# followed by the fitted line.
+ARRIVAL_WINDOW = 1800.0
+# Spreads (see `_rate_spread`) by which an interval's rate must differ from the mean of the newer intervals to mark
+# a level shift. A 10x burst differs by dozens of spreads, while a rate that swings by half its mean from minute to
+# minute stays within five.
+LEVEL_SHIFT_SPREADS = 5.0
+# Standard deviations of the rate's swings beyond Poisson noise that the rate to size for adds to the measured rate.
+RATE_SPREADS = 2.0
+# Multiple of the Poisson variance that the variance of the interval rates must exceed before the rest counts as
+# swings. A variance measured over a few dozen intervals is itself noisy, and below this it is mostly sampling
+# noise, which would add threads to a steady rate.
+POISSON_ALLOWANCE = 2.0
+# Standard errors by which a fitted slope must differ from zero before the rate follows the trend instead of the
+# mean. Lower values let a rate that swings at random tilt the estimate.
+TREND_SIGNIFICANCE = 3.0
 # Seconds in which the threads added for a backlog should start the waiting jobs, when longer than the target
 # latency. New processes need time to boot and the next run corrects the count, so draining a burst's backlog
-# within the target latency itself would start far more processes than the burst keeps busy.
-DRAIN_TIME = 0.0
+# within a target of a few seconds would start far more processes than the burst keeps busy.
+DRAIN_TIME = 30.0
+# Seconds of age that the oldest waiting job needs before the queue's growth counts as a measure of the arrival rate.
+QUEUE_GROWTH_MIN_AGE = 1.0
 # Seconds of samples used to estimate the mean job duration, because Little's law over one run is noisy.
 SERVICE_TIME_WINDOW = 600.0
 # Seconds ahead in which the reader counts scheduled and retry jobs that will come due (`PoolSignals.upcoming`).
@@ -266,7 +281,7 @@ def settings_from_pool(pool: Mapping[str, Any], singleton_queues: Sequence[str] 
     - ``autoscale.target_latency``: 10 s.
     - ``autoscale.scale_out_cooldown``: 0 s, because the desired count already includes booting processes.
     - ``autoscale.scale_in_cooldown``: 30 s.
-    - ``autoscale.max_step_out``: 10 processes per run. ``autoscale.max_step_in``: 10 processes per run.
+    - ``autoscale.max_step_out``: 20 processes per run. ``autoscale.max_step_in``: 10 processes per run.
     - ``autoscale.scale_in_stabilization``: 120 s.
 
     A pool that serves one of ``singleton_queues`` is a singleton pool. Raises ValueError that names the pool,
@@ -487,14 +502,17 @@ def erlang_c(servers: int, load: float) -> float:
 
 
 def threads_for_arrival(load: float, service_time: float, target_latency: float) -> int:
-    """Return the fewest threads that serve `load` Erlangs within the utilization and latency limits.
+    """Return the fewest threads that serve `load` Erlangs within the latency limit.
 
-    The thread count keeps utilization at most MAX_UTILIZATION and, in the M/M/c model, the probability of a
-    wait longer than `target_latency` at most MAX_LATE_PROBABILITY.
+    The thread count exceeds the load, so the queue stays finite, and keeps the probability of a wait longer than
+    `target_latency` at most MAX_LATE_PROBABILITY in the M/M/c model. Loads of SIZING_LIMIT or more return
+    SIZING_LIMIT.
     """
     if load <= 0:
         return 0
-    threads = max(1, math.ceil(load / MAX_UTILIZATION))
+    if load >= SIZING_LIMIT:
+        return SIZING_LIMIT
+    threads = max(1, math.ceil(load))
     # Erlang B by its recursion, one thread at a time, gives Erlang C for every candidate thread count.
     blocking = 1.0
     for count in range(1, threads):
@@ -523,9 +541,7 @@ def _measure_throughput(signals: PoolSignals, state: PolicyState) -> float | Non
     return finished / elapsed
 
 
-def _interval_arrivals(
-    signals: PoolSignals, state: PolicyState, throughput: float | None
-) -> list[tuple[float, float]]:
+def _interval_arrivals(signals: PoolSignals, state: PolicyState, throughput: float | None) -> list[tuple[float, float]]:
     """Return (jobs arrived, seconds) of each run interval over about ARRIVAL_WINDOW seconds, newest first.
 
     Every job that arrived in a run's interval has finished, is still waiting or is running, so the arrivals are
@@ -566,12 +582,13 @@ def _rate_spread(rates: Sequence[float]) -> float:
     return max(estimates)
 
 
-def _measure_arrival(signals: PoolSignals, state: PolicyState, throughput: float | None) -> float | None:
-    """Measure the arrival rate to size for; None without a throughput."""
-    intervals = _interval_arrivals(signals, state, throughput)
-    if not intervals:
-        return None
-    spread = _rate_spread([arrived / elapsed for arrived, elapsed in intervals])
+def _recent_level(intervals: Sequence[tuple[float, float]], spread: float) -> list[tuple[float, float]]:
+    """Return the newest intervals that share one level of arrival rate, newest first.
+
+    Walking back from the newest interval, an older one joins while its rate is within LEVEL_SHIFT_SPREADS of the
+    mean of those joined so far. The yardstick is the window's spread together with the Poisson noise of the two
+    rates compared, so that few jobs per interval do not look like a shift.
+    """
     joined = [intervals[0]]
     arrived_sum, elapsed_sum = intervals[0]
     for arrived, elapsed in intervals[1:]:
@@ -583,63 +600,124 @@ def _measure_arrival(signals: PoolSignals, state: PolicyState, throughput: float
         joined.append((arrived, elapsed))
         arrived_sum += arrived
         elapsed_sum += elapsed
-    mean = arrived_sum / elapsed_sum
-    if len(joined) < 3:
-        return mean
-    # Weighted least squares of rate on time (time measured back from now, at each interval's middle).
-    points = []
+    return joined
+
+
+def _fit_rate(joined: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Return the rate now and the variance of the interval rates around it, weighted by interval length.
+
+    A line through the intervals' rates, weighted least squares against the middle of each interval, gives the
+    rate at the end of the newest interval when its slope is TREND_SIGNIFICANCE standard errors from zero or more.
+    Otherwise the mean rate is returned. Three intervals or fewer always give the mean.
+    """
+    elapsed_sum = sum(elapsed for _, elapsed in joined)
+    mean = sum(arrived for arrived, _ in joined) / elapsed_sum
+    points: list[tuple[float, float, float]] = []
     end = 0.0
     for arrived, elapsed in joined:
         points.append((-(end + elapsed / 2.0), arrived / elapsed, elapsed))
         end += elapsed
-    center = sum(x * w for x, _, w in points) / elapsed_sum
-    sxx = sum(w * (x - center) ** 2 for x, _, w in points)
-    sxy = sum(w * (x - center) * (y - mean) for x, y, w in points)
-    slope = sxy / sxx if sxx > 0 else 0.0
-    residual = sum(w * (y - mean - slope * (x - center)) ** 2 for x, y, w in points) / elapsed_sum
-    level = mean
-    if TREND and sxx > 0 and len(joined) >= 4:
-        slope_error = math.sqrt(residual * elapsed_sum / max(1, len(joined) - 2) / sxx)
-        if abs(slope) > TREND_SIGNIFICANCE * slope_error:
-            level = max(0.0, mean + slope * (0.0 - center))
-        else:
-            residual = sum(w * (y - mean) ** 2 for x, y, w in points) / elapsed_sum
-    else:
-        residual = sum(w * (y - mean) ** 2 for x, y, w in points) / elapsed_sum
+    spread_around_mean = sum(weight * (rate - mean) ** 2 for _, rate, weight in points) / elapsed_sum
+    if len(points) <= 3:
+        return mean, spread_around_mean
+    center = sum(at * weight for at, _, weight in points) / elapsed_sum
+    sxx = sum(weight * (at - center) ** 2 for at, _, weight in points)
+    slope = sum(weight * (at - center) * (rate - mean) for at, rate, weight in points) / sxx
+    residual = sum(weight * (rate - mean - slope * (at - center)) ** 2 for at, rate, weight in points) / elapsed_sum
+    # Standard error of a weighted slope, with the weights scaled so that they sum to the number of intervals.
+    slope_error = math.sqrt(residual * elapsed_sum / (len(points) - 2) / sxx)
+    if abs(slope) <= TREND_SIGNIFICANCE * slope_error:
+        return mean, spread_around_mean
+    return max(0.0, mean - slope * center), residual
+
+
+def _measure_arrival(signals: PoolSignals, state: PolicyState, throughput: float | None) -> tuple[float | None, bool]:
+    """Measure the arrival rate to size for, and whether the newest interval starts a higher level.
+
+    The rate is the rate now of the newest intervals that share one level (`_recent_level`, `_fit_rate`), plus
+    RATE_SPREADS standard deviations of their swings beyond POISSON_ALLOWANCE times the Poisson variance. The
+    Erlang C sizing covers Poisson noise, but not a rate that swings from run to run. Without a throughput the
+    rate is None.
+    """
+    intervals = _interval_arrivals(signals, state, throughput)
+    if not intervals:
+        return None, False
+    joined = _recent_level(intervals, _rate_spread([arrived / elapsed for arrived, elapsed in intervals]))
+    rising = False
+    if len(joined) == 1 and len(intervals) > 1:
+        (newest_arrived, newest_elapsed), (older_arrived, older_elapsed) = intervals[0], intervals[1]
+        rising = newest_arrived / newest_elapsed > older_arrived / older_elapsed
+    level, variance = _fit_rate(joined)
+    if len(joined) < 3:
+        return level, rising
+    elapsed_sum = sum(elapsed for _, elapsed in joined)
+    mean = sum(arrived for arrived, _ in joined) / elapsed_sum
     poisson_variance = mean * len(joined) / elapsed_sum
-    excess = residual - POISSON_ALLOWANCE * poisson_variance
-    return level + EXCESS_SPREADS * math.sqrt(max(0.0, excess))
+    swings = max(0.0, variance - POISSON_ALLOWANCE * poisson_variance)
+    return level + RATE_SPREADS * math.sqrt(swings), rising
 
 
 def _estimate_service_time(signals: PoolSignals, state: PolicyState, throughput: float | None) -> float | None:
-    """Estimate the mean job duration by Little's law: busy threads divided by throughput, over a window."""
-    busy_sum = 0.0
-    throughput_sum = 0.0
-    if throughput is not None:
-        busy_sum, throughput_sum = float(signals.busy), throughput
-    for sample in state.samples:
-        if sample.throughput is not None and signals.now - SERVICE_TIME_WINDOW <= sample.at < signals.now:
-            busy_sum += sample.busy
-            throughput_sum += sample.throughput
-    if throughput_sum > 0 and busy_sum > 0:
-        return busy_sum / throughput_sum
+    """Estimate the mean job duration by Little's law over about SERVICE_TIME_WINDOW seconds.
+
+    In each run interval the mean number of busy threads equals the throughput times the mean job duration. The
+    mean is taken as the average of the busy threads at the interval's two ends, because the busy threads at one
+    end alone jump when a scale-out lets new processes take a backlog. Without any interval of known throughput,
+    the previous estimate is kept.
+    """
+    busy_seconds = 0.0
+    finished = 0.0
+    later = (signals.now, signals.busy, throughput)
+    for sample in reversed(state.samples):
+        later_at, later_busy, later_throughput = later
+        if sample.at >= later_at:
+            continue
+        if signals.now - sample.at > SERVICE_TIME_WINDOW:
+            break
+        elapsed = later_at - sample.at
+        if later_throughput is not None:
+            busy_seconds += (sample.busy + later_busy) / 2.0 * elapsed
+            finished += later_throughput * elapsed
+        later = (sample.at, sample.busy, sample.throughput)
+    if finished > 0 and busy_seconds > 0:
+        return busy_seconds / finished
     return state.service_time
+
+
+def _queue_growth_rate(signals: PoolSignals, service_time: float) -> float:
+    """Return the arrival rate implied by a queue that builds while every thread is busy, else 0.
+
+    The queue began to build when its oldest job arrived, and with every thread busy since, jobs have arrived
+    faster than the threads start them by backlog / latency per second. When a run saw only the first seconds of a
+    burst, this measures the new level far better than the mean rate of its interval. A queue younger than
+    QUEUE_GROWTH_MIN_AGE seconds holds too few jobs to measure a rate.
+    """
+    if signals.latency < QUEUE_GROWTH_MIN_AGE or not 0 < signals.capacity <= signals.busy:
+        return 0.0
+    return signals.capacity / service_time + signals.backlog / signals.latency
+
+
+def drain_time(settings: PolicySettings) -> float:
+    """Return the seconds in which the threads added for a backlog should start the waiting jobs."""
+    return max(settings.target_latency, DRAIN_TIME)
 
 
 def estimate_demand(signals: PoolSignals, settings: PolicySettings, state: PolicyState) -> Demand:
     """Estimate the arrival rate, the mean job duration and the threads they need."""
     throughput = _measure_throughput(signals, state)
-    arrival = _measure_arrival(signals, state, throughput)
+    arrival, rising = _measure_arrival(signals, state, throughput)
     service_time = _estimate_service_time(signals, state, throughput)
+    if arrival is not None and service_time and rising:
+        arrival = max(arrival, _queue_growth_rate(signals, service_time))
     waiting = signals.backlog + (signals.upcoming or 0)
 
     if arrival is not None and service_time is not None:
         load = arrival * service_time
         arrival_threads = float(threads_for_arrival(load, service_time, settings.target_latency))
-        # The threads that arrivals leave free start the waiting jobs. The waiting jobs need threads of their own
-        # only when those free threads would start them too late, and the queue is either old already or longer
-        # than every running thread can start within the target. A young, short queue is the normal queueing of
-        # a busy pool, which the Erlang C sizing already allows for.
+        # The threads that arrivals leave free start the waiting jobs. The waiting jobs need more threads only
+        # when those free threads would start them too late, and the queue is either old already or longer than
+        # every running thread can start within the target. A young, short queue is the normal queueing of a busy
+        # pool, which the Erlang C sizing already allows for.
         spare = signals.capacity - load
         target = settings.target_latency
         late = spare <= 0 or signals.latency + waiting * service_time / spare > target
@@ -648,16 +726,15 @@ def estimate_demand(signals: PoolSignals, settings: PolicySettings, state: Polic
         )
         backlog_threads = 0.0
         if waiting and late and urgent:
-            # The pool needs the arrival load plus enough threads to start the waiting jobs within the drain time
-            # (one thread per job when jobs run longer than that). Headroom that the arrival sizing already
-            # holds above the load drains the backlog too, so only the rest is added.
-            drain_time = max(target, DRAIN_TIME)
-            drain_threads = waiting * min(1.0, service_time / drain_time)
+            # The pool then needs the arrival load plus the threads that start the waiting jobs within the drain
+            # time, one thread per job when jobs run longer than that. The headroom that the Erlang C sizing holds
+            # above the load drains the backlog too, so only the rest is added.
+            drain_threads = waiting * min(1.0, service_time / drain_time(settings))
             backlog_threads = max(0.0, load + drain_threads - arrival_threads)
     else:
         # Without a rate, keep the busy threads with headroom and give each waiting job a thread. This errs on
         # the large side, and the step limit bounds it until the next run measures a rate.
-        arrival_threads = signals.busy / MAX_UTILIZATION
+        arrival_threads = signals.busy * (1.0 + SCALE_OUT_MARGIN)
         backlog_threads = float(waiting)
 
     threads = max(arrival_threads + backlog_threads, 1.0 if waiting else 0.0)
@@ -697,7 +774,8 @@ def _explain_demand(signals: PoolSignals, settings: PolicySettings, demand: Dema
             f"needs {_processes(arrival_processes)}"
         )
         if total > arrival_processes:
-            text += f", and starting the waiting jobs within the target needs {total - arrival_processes} more"
+            drain = _format_number(drain_time(settings))
+            text += f", and starting the waiting jobs within {drain} s needs {total - arrival_processes} more"
         sentences.append(text + ".")
     else:
         total = math.ceil((demand.arrival_threads + demand.backlog_threads) / concurrency - 1e-9)

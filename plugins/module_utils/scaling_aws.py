@@ -1,7 +1,7 @@
 """Autoscaling backends for pools on AWS: ``aws_asg`` (EC2 Auto Scaling groups) and ``aws_ecs`` (ECS services).
 
 Each pool maps to one group or service (``aws_targets``), whose members (instances or tasks) each run the
-pool's Sidekiq processes. A backend has three steps, so the autoscale module can decide between them:
+pool's Sidekiq processes. A backend works in three steps, and the autoscale module decides between the first two:
 
     backend = build_backend("aws_asg", aws_settings(params), pool, target, margin=10)
     reading = backend.read(own_processes, redis_client, namespace_prefix)  # AWS and Redis reads, no change
@@ -10,7 +10,7 @@ pool's Sidekiq processes. A backend has three steps, so the autoscale module can
     result = backend.apply(plan, redis_client, namespace_prefix)            # the changes, in a safe order
 
 Scale-out raises the desired capacity (EC2, clamped to the group's MinSize and MaxSize with a note) or the
-desired count (ECS). Scale-in never stops a member while its Sidekiq processes run jobs:
+desired count (ECS). Scale-in removes only members whose Sidekiq processes are quiet and idle:
 
 - Run N chooses the members to leave (quiet ones first, then the least busy), records them in Redis, turns on
   their scale-in protection, and quiets their processes (``LPUSH <identity>-signals TSTP``, picked up within one
@@ -21,8 +21,8 @@ desired count (ECS). Scale-in never stops a member while its Sidekiq processes r
 - The run that finds a member drained removes protection and removes the member. EC2 terminates that very
   instance and lowers the desired capacity in one call (TerminateInstanceInAutoScalingGroup), so the group
   cannot pick another one. ECS picks the tasks itself, so the backend first protects every task that stays and
-  then lowers the desired count; this happens only while the service is steady (no deployment in progress, and
-  exactly the desired number of tasks running).
+  then lowers the desired count. It does so only while the service is steady: no deployment in progress, and
+  exactly the desired number of tasks running.
 
 While members leave, the policy's ``requested`` signal is the capacity without them
 (``reading.requested_processes``), so the next decision starts from the processes that stay.
@@ -123,7 +123,7 @@ class AwsBackend(Protocol):
 
 @dataclass(frozen=True)
 class AwsTarget:
-    """Where one pool runs on AWS. Unset names default to ``sidekiq-<pool>``, like the pool's systemd units."""
+    """The AWS resource that runs one pool. Unset names default to ``sidekiq-<pool>``, like its systemd units."""
 
     pool: str
     group_name: str | None = None
@@ -200,7 +200,7 @@ def build_backend(
     margin: int = pool_model.DEFAULT_SHUTDOWN_MARGIN,
     protection_minutes: int = DEFAULT_PROTECTION_MINUTES,
 ) -> AsgBackend | EcsBackend:
-    """Open the backend for one pool. Raises AwsOptionsError or AwsDependencyError; nothing is called yet."""
+    """Open the backend for one pool without calling AWS yet. Raises AwsOptionsError or AwsDependencyError."""
     if backend == "aws_asg":
         return AsgBackend(settings, str(target.group_name), processes_per_instance=target.processes_per_instance)
     if backend == "aws_ecs":

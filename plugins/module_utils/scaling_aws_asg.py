@@ -88,9 +88,8 @@ class AsgBackend:
     ) -> None:
         if not isinstance(group_name, str) or not group_name:
             raise AwsOptionsError(f"group_name {group_name!r} is invalid; give the Auto Scaling group's name.")
-        if isinstance(processes_per_instance, bool) or not isinstance(processes_per_instance, int):
-            raise AwsOptionsError(f"processes_per_instance {processes_per_instance!r} must be an integer >= 1.")
-        if processes_per_instance < 1:
+        valid_count = isinstance(processes_per_instance, int) and not isinstance(processes_per_instance, bool)
+        if not valid_count or processes_per_instance < 1:
             raise AwsOptionsError(f"processes_per_instance {processes_per_instance!r} must be an integer >= 1.")
         self.settings = settings
         self.group_name = group_name
@@ -209,7 +208,7 @@ class AsgBackend:
             entries, invalid = load_leaving(redis_client, self.key(namespace_prefix))
         if invalid:
             notes.append(f"Ignored unreadable leaving records for {', '.join(invalid)}.")
-        views, match_notes, gone = build_views(members, processes, entries, INSTANCE_LABEL)
+        views, match_notes, stale = build_views(members, processes, entries, INSTANCE_LABEL)
         return ScalingReading(
             backend=BACKEND,
             target=self.resource,
@@ -220,7 +219,7 @@ class AsgBackend:
             per_member=self.per_member,
             members=views,
             exact_removal=True,
-            gone=tuple(sorted(set(gone) | set(invalid))),
+            stale_records=tuple(sorted(set(stale) | set(invalid))),
             notes=tuple(notes + match_notes),
             now=time.time() if now is None else now,
         )
@@ -250,11 +249,11 @@ class AsgBackend:
         if plan.record:
             with redis_errors():
                 save_leaving(redis_client, key, dict(plan.record))
-            actions.append(f"Recorded {', '.join(member for member, _ in plan.record)} as leaving.")
+            actions.append(f"Recorded {', '.join(dict(plan.record))} as leaving.")
         if plan.protect:
             self._protect(plan.protect, True)
             actions.append(f"Protected {', '.join(plan.protect)} from scale-in.")
-        identities = [identity for _, group in plan.quiet for identity in group]
+        identities = [identity for member_processes in dict(plan.quiet).values() for identity in member_processes]
         if identities:
             with redis_errors():
                 quiet_processes(redis_client, identities, namespace_prefix)
@@ -271,8 +270,8 @@ class AsgBackend:
             )
             with redis_errors():
                 forget_leaving(redis_client, key, [removal.member_id])
-            how = "lowering the desired capacity" if removal.decrement else "to be replaced"
-            actions.append(f"Terminated {removal.member_id}, {how}.")
+            outcome = "lowering the desired capacity" if removal.decrement else "to be replaced"
+            actions.append(f"Terminated {removal.member_id}, {outcome}.")
         if plan.set_capacity:
             self.autoscaling.call(
                 "set_desired_capacity",

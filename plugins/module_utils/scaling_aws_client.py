@@ -287,7 +287,9 @@ def translate_client_error(error: Any, action: str, resource: str, api: AwsApi) 
     message = str(details.get("Message") or error).strip().rstrip(".")
     where = api.settings.describe()
 
-    if code in ACCESS_DENIED_CODES:
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    # A 403 whose body names no known code (a proxy, or a reply botocore could not parse) is still a denial.
+    if code in ACCESS_DENIED_CODES or (status == 403 and code not in CREDENTIALS_CODES):
         needed = ", ".join(api.permissions)
         return AwsAccessDeniedError(
             f"AWS denied {action} on {resource} in {where}: {message}. Allow {action} for the IAM role or user "
@@ -342,5 +344,5 @@ def epoch_seconds(value: Any) -> float | None:
 
 
 def chunks(items: Sequence[str], size: int) -> list[list[str]]:
-    """Split ids into lists of at most `size`, the most that one API call accepts."""
+    """Split ids into lists of at most `size`, the maximum that one API call accepts."""
     return [list(items[start : start + size]) for start in range(0, len(items), size)]

@@ -12,14 +12,14 @@ removed by lowering the desired count at a moment when every other task of the s
 
 1. write the leaving record: new leavers, and drained tasks marked removed (Redis);
 2. turn protection on or renew it (UpdateTaskProtection, 10 tasks per call, expiring after
-   ``protection_minutes``); any task that ECS could not protect stops the run before the count changes;
+   ``protection_minutes``). A task that ECS could not protect stops the run before the count changes;
 3. send TSTP to the processes of leaving tasks that are not quiet yet (Redis);
 4. turn protection off for drained tasks;
 5. set the desired count (UpdateService);
 6. delete the records of tasks that are gone.
 
-Protection expires by itself, so a stopped autoscaler holds no task, and no deployment, for longer than
-``protection_minutes``. ECS also waits for protected tasks during a deployment.
+Protection expires by itself. ECS deployments also wait for protected tasks, so an autoscaler that stopped
+running delays a deployment by ``protection_minutes`` at most.
 
 NOTE: AWS documents that scale-in protection holds against service auto scaling and deployments; that it also
 holds when UpdateService lowers the desired count is assumed here, and moto 5.2.5 does not model either.
@@ -141,11 +141,11 @@ def check_stop_timeout(
     budget = pool_model.stop_budget(pool, margin)
     parts = f"timeout {timeout} s + shutdown margin {margin} s"
     if fargate and budget > FARGATE_MAX_STOP_TIMEOUT:
-        most = FARGATE_MAX_STOP_TIMEOUT - margin
+        highest_timeout = FARGATE_MAX_STOP_TIMEOUT - margin
         raise StopBudgetError(
             f"Pool {name!r}: the stop budget of {budget} s ({parts}) exceeds Fargate's maximum stopTimeout of "
             f"{FARGATE_MAX_STOP_TIMEOUT} s, so ECS would kill Sidekiq before it pushes unfinished jobs back. Lower "
-            f"the pool's timeout to at most {most} s, or run the service on the EC2 launch type."
+            f"the pool's timeout to at most {highest_timeout} s, or run the service on the EC2 launch type."
         )
     definition = sidekiq_container(task_definition, container)
     configured = definition.get("stopTimeout")
@@ -253,7 +253,7 @@ class EcsBackend:
                 return arns
 
     def _tasks(self) -> list[dict[str, Any]]:
-        """Return the service's tasks that ECS keeps running (desired status RUNNING), oldest first."""
+        """Return the service's tasks that ECS keeps running (desired status RUNNING), in ListTasks order."""
         tasks: list[dict[str, Any]] = []
         group = f"service:{self.service.rsplit('/', 1)[-1]}"
         for batch in chunks(self._task_arns(), DESCRIBE_BATCH):
@@ -351,7 +351,7 @@ class EcsBackend:
             entries, invalid = load_leaving(redis_client, self.key(namespace_prefix))
         if invalid:
             notes.append(f"Ignored unreadable leaving records for {', '.join(invalid)}.")
-        views, match_notes, gone = build_views(members, processes, entries, TASK_LABEL)
+        views, match_notes, stale = build_views(members, processes, entries, TASK_LABEL)
         reason = self._unsteady_reason(service, members)
         return ScalingReading(
             backend=BACKEND,
@@ -366,7 +366,7 @@ class EcsBackend:
             unsteady_reason=reason,
             exact_removal=False,
             protection_minutes=self.protection_minutes,
-            gone=tuple(sorted(set(gone) | set(invalid))),
+            stale_records=tuple(sorted(set(stale) | set(invalid))),
             notes=tuple(notes + match_notes),
             now=time.time() if now is None else now,
         )
@@ -403,11 +403,11 @@ class EcsBackend:
         if plan.record:
             with redis_errors():
                 save_leaving(redis_client, key, dict(plan.record))
-            actions.append(f"Recorded {', '.join(member for member, _ in plan.record)} in the leaving record.")
+            actions.append(f"Recorded {', '.join(dict(plan.record))} in the leaving record.")
         if plan.protect:
             self._protect(plan.protect, True)
             actions.append(f"Protected {', '.join(plan.protect)} from scale-in for {self.protection_minutes} minutes.")
-        identities = [identity for _, group in plan.quiet for identity in group]
+        identities = [identity for member_processes in dict(plan.quiet).values() for identity in member_processes]
         if identities:
             with redis_errors():
                 quiet_processes(redis_client, identities, namespace_prefix)

@@ -23,9 +23,9 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.redis_connection
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_plan import LeavingEntry
 
 KEY_ROOT = "sidekiq-ops:autoscale:aws"
-# The record outlives any drain: a week, refreshed on every write, like the autoscaler's own state.
+# Seconds the record lives after its last write: a week, like the autoscaler's own state.
 LEAVING_TTL = 7 * 24 * 3600
-# Sidekiq's own expiry of a signal list, so that a signal for a process that is gone does not linger.
+# The expiry Sidekiq 6.4 itself gives a signal list (Sidekiq::Process#signal), so that no signal outlives its process.
 SIGNAL_TTL = 60
 QUIET_SIGNAL = "TSTP"
 
@@ -36,7 +36,7 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        if type(error).__module__.split(".")[0] != "redis":
+        if type(error).__module__.split(".", maxsplit=1)[0] != "redis":
             raise
         raise translate_redis_error(error) from error
 

@@ -7,11 +7,11 @@ Processes are matched to members in this order:
 
 1. A Sidekiq label ``instance-id=<id>`` (EC2) or ``task-id=<id>`` (ECS, the last part of the task ARN, or the
    whole ARN). Set it in sidekiq.yml (``:labels: ["instance-id=<%= ENV['EC2_INSTANCE_ID'] %>"]``) or in app code.
-2. The process's hostname, which Sidekiq takes from ``Socket.gethostname`` (or ``DYNO``) and writes into its
-   identity. It matches an instance's private DNS name, that name's first label (``ip-10-0-1-23``), or the
-   instance id (resource-name hostnames); for a task, its network interface's private DNS name or
-   ``ip-a-b-c-d`` address name (awsvpc), or the first 12 characters of its container id (bridge mode). A
-   hostname that fits several members matches none of them, so tasks sharing a host's network need labels.
+2. The process's hostname, which Sidekiq 6.4 takes from ``Socket.gethostname`` (or ``DYNO``) and writes into
+   its identity. It matches an instance's private DNS name, that name's first label (``ip-10-0-1-23``), or the
+   instance id (resource-name hostnames). It matches a task's network interface name or ``ip-a-b-c-d`` address
+   name (awsvpc), or the first 12 characters of its container id (bridge mode). A hostname that fits several
+   members matches none of them, so tasks that share a host's network need labels.
 
 `plan_scaling` turns a reading and the policy's desired process count into a plan. Chosen members leave in two
 runs or more, so that no job is lost: a run records them as leaving, protects them from scale-in and quiets
@@ -111,8 +111,9 @@ class MemberView:
     def drained(self) -> bool:
         """Whether a leaving member can go: every process is quiet and idle in the same heartbeat, or none is left.
 
-        Sidekiq 6.4 writes ``quiet`` and ``busy`` into the heartbeat hash together, and a fetch that returns after
-        the quiet signal puts its job back, so a quiet process with no busy thread runs no job.
+        Sidekiq 6.4 acts on a remote signal at the end of a heartbeat and writes ``quiet`` and ``busy`` together in
+        the next one. A fetch that returns after the quiet signal puts its job back, so a process that reports
+        quiet with no busy thread runs no job.
         """
         if self.leaving is None or not self.member.ready:
             return False
@@ -187,8 +188,8 @@ def match_processes(
 
 
 def _sample(items: Sequence[str], limit: int = 3) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+    listed = ", ".join(items[:limit])
+    return listed + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def build_views(
@@ -197,7 +198,7 @@ def build_views(
     leaving: Mapping[str, LeavingEntry],
     label_key: str,
 ) -> tuple[tuple[MemberView, ...], list[str], tuple[str, ...]]:
-    """Join members, processes and leaving records; return the views, notes, and records of members now gone."""
+    """Join members, processes and leaving records; return the views, notes, and the records of missing members."""
     matched, notes = match_processes(members, processes, label_key)
     views = tuple(
         MemberView(member=member, processes=tuple(matched[member.id]), leaving=leaving.get(member.id))
@@ -210,13 +211,13 @@ def build_views(
             f"their '{label_key}' label or hostname does not match. They are never chosen to leave."
         )
     present = {member.id for member in members}
-    gone = tuple(sorted(member_id for member_id in leaving if member_id not in present))
-    return views, notes, gone
+    stale = tuple(sorted(member_id for member_id in leaving if member_id not in present))
+    return views, notes, stale
 
 
 @dataclass(frozen=True)
 class ScalingReading:
-    """What one run read about an Auto Scaling group or ECS service and its processes.
+    """The reading of one run: an Auto Scaling group or ECS service, its members and their processes.
 
     Attributes:
         backend: ``aws_asg`` or ``aws_ecs``.
@@ -233,7 +234,7 @@ class ScalingReading:
             False when the platform chooses among unprotected members (ECS lowers the desired count).
         protection_minutes: ECS task protection lasts this long and is renewed at half; None for EC2, whose
             protection does not expire.
-        gone: leaving records of members that no longer exist, to delete.
+        stale_records: leaving records of members that no longer exist, to delete.
         notes: sentences about matching and configuration.
         now: epoch seconds of the reading.
     """
@@ -250,7 +251,7 @@ class ScalingReading:
     unsteady_reason: str | None = None
     exact_removal: bool = True
     protection_minutes: int | None = None
-    gone: tuple[str, ...] = ()
+    stale_records: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     now: float = 0.0
 
@@ -361,6 +362,7 @@ class ScalingPlan:
             "requested_before": self.requested_before,
             "requested_after": self.requested_after,
             "leave": list(self.leave),
+            "record": {member: {"since": entry.since, "removed": entry.removed} for member, entry in self.record},
             "protect": list(self.protect),
             "unprotect": list(self.unprotect),
             "quiet": {member: list(identities) for member, identities in self.quiet},
@@ -393,7 +395,7 @@ def choose_leavers(candidates: Sequence[MemberView], count: int) -> list[MemberV
         launched = view.member.launched_at if view.member.launched_at is not None else 0.0
         return (not view.quiet, view.busy, -remaining[view.member.zone], -launched, view.member.id)
 
-    for _ in range(min(count, len(pool))):
+    while pool and len(chosen) < count:
         best = min(pool, key=order)
         pool.remove(best)
         remaining[best.member.zone] -= 1
@@ -417,73 +419,145 @@ def _ids(views: Iterable[MemberView]) -> str:
     return ", ".join(view.member.id for view in views)
 
 
-def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan:
-    """Plan the run that takes the group or service towards `desired_processes` processes of the pool."""
-    if isinstance(desired_processes, bool) or not isinstance(desired_processes, int) or desired_processes < 0:
-        raise ValueError(f"desired_processes {desired_processes!r} is invalid; it must be an integer >= 0")
-    unit = reading.unit
-    notes = list(reading.notes)
-    capacity = reading.capacity
+def _leaving_views(reading: ScalingReading, notes: list[str]) -> tuple[list[MemberView], list[MemberView]]:
+    """Return the leaving members that still count in the capacity, and the ECS tasks counted again among them.
 
-    # ECS: a task recorded as removed but still counted while the service is steady was kept by ECS, which
-    # stopped another task instead. It counts as leaving again and is removed once more.
-    reset = [view for view in reading.members if view.leaving and view.leaving.removed and reading.steady]
-    if not reading.exact_removal and reset:
+    ECS may stop another task than the drained one when the desired count is lowered. The drained task then
+    stays counted while the service is steady, so it counts as leaving again and is removed once more.
+    """
+    reset: list[MemberView] = []
+    if not reading.exact_removal and reading.steady:
+        reset = [view for view in reading.members if view.leaving is not None and view.leaving.removed]
+    if reset:
         notes.append(
             f"ECS kept {_ids(reset)} after the desired count was lowered for it, so it counts as leaving again."
         )
-    else:
-        reset = []
-    reset_ids = {view.member.id for view in reset}
     leaving = [
-        view
-        for view in reading.members
-        if view.leaving is not None and (not view.leaving.removed or view.member.id in reset_ids)
+        view for view in reading.members if view.leaving is not None and (not view.leaving.removed or view in reset)
     ]
-    active = [view for view in reading.members if not view.leaving]
-    active_requested = max(capacity - len(leaving), 0)
+    return leaving, reset
 
+
+def _target_members(reading: ScalingReading, desired_processes: int, notes: list[str]) -> int:
+    """Return the members that should run the desired processes, within the group's MinSize and MaxSize."""
+    unit = reading.unit
     target = members_for(desired_processes, reading.per_member)
     if target < reading.min_capacity:
         notes.append(
             f"{desired_processes} processes need {target} {unit}s, below the minimum of {reading.min_capacity} "
             f"of the {reading.target}, so {reading.min_capacity} are kept."
         )
-        target = reading.min_capacity
+        return reading.min_capacity
     if reading.max_capacity is not None and target > reading.max_capacity:
         notes.append(
             f"{desired_processes} processes need {target} {unit}s, above the maximum of {reading.max_capacity} "
             f"of the {reading.target}, so it is held at {reading.max_capacity}."
         )
-        target = reading.max_capacity
+        return reading.max_capacity
+    return target
 
-    # Drained leaving members go now. On ECS only when the service is steady, because ECS itself picks the
-    # tasks it stops, and every other task must be protected and running at that moment.
+
+def _removals(reading: ScalingReading, drained: Sequence[MemberView], notes: list[str]) -> tuple[list[Removal], int]:
+    """Return the removals of drained members and the capacity once they are made.
+
+    EC2 removes a named instance and lowers the capacity with it, except where that would go below MinSize:
+    then the instance is replaced by a fresh one. On ECS the capacity changes only through the desired count.
+    """
+    removals: list[Removal] = []
+    capacity = reading.capacity
+    for view in drained:
+        decrement = not reading.exact_removal or capacity - 1 >= reading.min_capacity
+        if decrement and reading.exact_removal:
+            capacity -= 1
+        elif not decrement:
+            notes.append(
+                f"{view.member.id} is replaced instead of removed: lowering the capacity would go below the "
+                f"minimum of {reading.min_capacity}."
+            )
+        removals.append(Removal(member_id=view.member.id, decrement=decrement))
+    return removals, capacity
+
+
+def _protection(
+    reading: ScalingReading,
+    leaving_after: Sequence[MemberView],
+    drained: Sequence[MemberView],
+    keepers: Sequence[MemberView],
+) -> tuple[list[str], list[str]]:
+    """Return the members to protect (or renew) and to unprotect.
+
+    Leaving members are protected until they are drained. While members leave, busy members that stay are
+    protected too. On ECS, when the desired count is lowered, every member that stays is protected, so that ECS
+    stops only the drained ones. Drained members lose protection right before they are removed.
+    """
+    candidates = list(leaving_after)
+    if leaving_after or drained:
+        candidates += [view for view in keepers if view.busy > 0]
+    if drained and not reading.exact_removal:
+        candidates += keepers
+    protect: list[str] = []
+    for view in candidates:
+        if view.member.id not in protect and _needs_protection(view, reading):
+            protect.append(view.member.id)
+    unprotect = [view.member.id for view in drained if view.member.protected]
+    return protect, unprotect
+
+
+def _record(
+    reading: ScalingReading,
+    new_leavers: Sequence[MemberView],
+    drained: Sequence[MemberView],
+    reset: Sequence[MemberView],
+) -> list[tuple[str, LeavingEntry]]:
+    """Return the leaving entries to write: new leavers, and on ECS the tasks removed or counted again."""
+    record = [(view.member.id, LeavingEntry(since=reading.now)) for view in new_leavers]
+    if reading.exact_removal:
+        return record
+    for view in drained:
+        if view.leaving is not None:
+            record.append((view.member.id, replace(view.leaving, removed=True)))
+    for view in reset:
+        if view.leaving is not None and view not in drained:
+            record.append((view.member.id, replace(view.leaving, removed=False)))
+    return record
+
+
+def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan:
+    """Plan the run that takes the group or service towards `desired_processes` processes of the pool."""
+    if isinstance(desired_processes, bool) or not isinstance(desired_processes, int) or desired_processes < 0:
+        raise ValueError(f"desired_processes {desired_processes!r} is invalid; it must be an integer >= 0")
+    unit = reading.unit
+    notes = list(reading.notes)
+    leaving, reset = _leaving_views(reading, notes)
+    active = [view for view in reading.members if view.leaving is None]
+    active_requested = max(reading.capacity - len(leaving), 0)
+    target = _target_members(reading, desired_processes, notes)
+
+    # Drained leaving members go now. On ECS only while the service is steady, because ECS picks the tasks it
+    # stops itself, and every other task must be running and protected at that moment.
     drained = [view for view in leaving if view.drained]
     if drained and not reading.exact_removal and not reading.steady:
         notes.append(f"Not removing {_ids(drained)} yet: {reading.unsteady_reason}")
         drained = []
-    drained_ids = {view.member.id for view in drained}
 
-    # New leavers, when the policy asks for fewer members than are requested without the leaving ones.
+    # New leavers, when the policy requests fewer members than the capacity holds without the leaving ones.
     new_leavers: list[MemberView] = []
     active_after = target
     if target < active_requested:
-        wanted = active_requested - target
+        needed = active_requested - target
         if not reading.steady:
             notes.append(f"Not choosing {unit}s to leave: {reading.unsteady_reason}")
         else:
             candidates = [view for view in active if view.member.ready and view.processes]
-            new_leavers = choose_leavers(candidates, wanted)
-            if len(new_leavers) < wanted:
+            new_leavers = choose_leavers(candidates, needed)
+            if len(new_leavers) < needed:
                 notes.append(
-                    f"Only {len(new_leavers)} of {wanted} {unit}s can be chosen to leave, because the others run "
+                    f"Only {len(new_leavers)} of {needed} {unit}s can be chosen to leave, because the others run "
                     "no matched Sidekiq process or are not ready."
                 )
         active_after = active_requested - len(new_leavers)
-    new_ids = {view.member.id for view in new_leavers}
 
-    leaving_after = [view for view in leaving if view.member.id not in drained_ids] + new_leavers
+    leaving_after = [view for view in leaving if view not in drained] + new_leavers
     capacity_after = active_after + len(leaving_after)
     if reading.max_capacity is not None and capacity_after > reading.max_capacity:
         notes.append(
@@ -492,69 +566,31 @@ def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan
         )
         capacity_after = reading.max_capacity
     capacity_after = max(capacity_after, reading.min_capacity)
+    removals, capacity_after_removals = _removals(reading, drained, notes)
 
-    # EC2 removes a named instance and lowers the capacity with it, except where that would go below MinSize:
-    # then the instance is replaced by a fresh one.
-    removals: list[Removal] = []
-    running_capacity = capacity
-    for view in drained:
-        decrement = not reading.exact_removal or running_capacity - 1 >= reading.min_capacity
-        if decrement:
-            running_capacity -= 1
-        elif reading.exact_removal:
-            notes.append(
-                f"{view.member.id} is replaced instead of removed: lowering the capacity would go below the "
-                f"minimum of {reading.min_capacity}."
-            )
-        removals.append(Removal(member_id=view.member.id, decrement=decrement))
-    capacity_after_removals = running_capacity if reading.exact_removal else capacity
-    set_capacity = capacity_after != capacity_after_removals
-
-    # Protection: leaving members until they are drained; during a scale-in also every busy member that stays;
-    # on ECS, at the moment the desired count is lowered, every member that stays, so ECS stops only drained ones.
-    scaling_in = bool(leaving_after or drained)
-    keepers = [view for view in active if view.member.id not in new_ids]
-    protect_views = list(leaving_after)
-    if scaling_in:
-        protect_views += [view for view in keepers if view.busy > 0]
-    if drained and not reading.exact_removal:
-        protect_views += keepers
-    protect: list[str] = []
-    for view in protect_views:
-        if view.member.id not in protect and _needs_protection(view, reading):
-            protect.append(view.member.id)
-    unprotect = [view.member.id for view in drained if view.member.protected]
-
+    keepers = [view for view in active if view not in new_leavers]
+    protect, unprotect = _protection(reading, leaving_after, drained, keepers)
     quiet = tuple((view.member.id, view.unquieted) for view in leaving_after if view.unquieted)
 
-    record = [(view.member.id, LeavingEntry(since=reading.now)) for view in new_leavers]
-    if not reading.exact_removal:
-        for view in drained:
-            if view.leaving is not None:
-                record.append((view.member.id, replace(view.leaving, removed=True)))
-        for view in reset:
-            if view.leaving is not None and view.member.id not in drained_ids:
-                record.append((view.member.id, replace(view.leaving, removed=False)))
-
-    _explain(reading, notes, capacity, capacity_after, new_leavers, leaving_after, drained)
+    _explain(reading, notes, capacity_after, new_leavers, leaving_after, drained)
     return ScalingPlan(
         backend=reading.backend,
         target=reading.target,
         unit=unit,
         desired_processes=desired_processes,
-        capacity_before=capacity,
+        capacity_before=reading.capacity,
         capacity_after=capacity_after,
-        set_capacity=set_capacity,
+        set_capacity=capacity_after != capacity_after_removals,
         requested_before=active_requested * reading.per_member,
         requested_after=active_after * reading.per_member,
         leave=tuple(view.member.id for view in new_leavers),
-        record=tuple(record),
+        record=tuple(_record(reading, new_leavers, drained, reset)),
         protect=tuple(protect),
         unprotect=tuple(unprotect),
         quiet=quiet,
         remove=tuple(removals),
         reset=tuple(view.member.id for view in reset),
-        forget=reading.gone,
+        forget=reading.stale_records,
         notes=tuple(notes),
     )
 
@@ -562,34 +598,33 @@ def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan
 def _explain(
     reading: ScalingReading,
     notes: list[str],
-    capacity: int,
     capacity_after: int,
     new_leavers: Sequence[MemberView],
     leaving_after: Sequence[MemberView],
     drained: Sequence[MemberView],
 ) -> None:
-    """Append the sentences that say what the plan does."""
-    unit = reading.unit
+    """Append the sentences that describe the plan's changes."""
     noun = "desired capacity" if reading.exact_removal else "desired count"
     if new_leavers:
         notes.append(
-            f"Quieting {_ids(new_leavers)} (the least busy) before removing them; they stay protected from "
-            "scale-in until they are idle."
+            f"Quieting {_ids(new_leavers)}, chosen as the least busy, before removing them; they stay protected "
+            "from scale-in until they are idle."
         )
-    waiting = [view for view in leaving_after if view not in new_leavers]
-    busy = [view for view in waiting if view.busy > 0]
+    busy = [view for view in leaving_after if view not in new_leavers and view.busy > 0]
     if busy:
         threads = sum(view.busy for view in busy)
         notes.append(f"Waiting for {_ids(busy)} to finish {threads} running jobs before removing them.")
     if drained:
         notes.append(f"Removing {_ids(drained)}: quiet and idle.")
-    if capacity_after != capacity:
-        notes.append(f"Setting the {noun} of the {reading.target} from {capacity} to {capacity_after} {unit}s.")
+    if capacity_after != reading.capacity:
+        notes.append(
+            f"The {noun} of the {reading.target} goes from {reading.capacity} to {capacity_after} {reading.unit}s."
+        )
 
 
 @dataclass(frozen=True)
 class ApplyResult:
-    """What `apply` did, one sentence per step, in order."""
+    """The steps that `apply` made, one sentence each, in order."""
 
     actions: tuple[str, ...] = ()
 

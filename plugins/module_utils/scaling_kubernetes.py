@@ -8,9 +8,9 @@ Scaling to N replicas:
 - scale-out patches ``spec.replicas`` of the Deployment's scale subresource;
 - scale-in first chooses the pods to remove in the order the ReplicaSet controller removes them (unscheduled, pending,
   not ready, then lowest ``controller.kubernetes.io/pod-deletion-cost``), preferring quiet and idle pods among
-  equals. It writes a low deletion cost on the chosen pods and a cost equal to their busy threads on the others,
-  quiets the chosen pods' Sidekiq processes through Redis (``LPUSH <identity>-signals TSTP``, which Sidekiq reads
-  within one heartbeat), then patches the scale subresource.
+  equals. It writes a low deletion cost on the chosen pods and a cost equal to their busy threads on the others.
+  Then it quiets the chosen pods' Sidekiq processes through Redis (``LPUSH <identity>-signals TSTP``, which Sidekiq
+  reads within one heartbeat), and only then patches the scale subresource.
 
 The scale patch carries the resourceVersion that was read, so a concurrent change gives 409 Conflict. The backend
 then reads again and plans again, up to ``max_attempts`` times. Other API errors raise a ``KubernetesError``
@@ -55,8 +55,8 @@ SIGNAL_TTL_SECONDS = 60
 PHASE_RANK = {"Pending": 0, "Unknown": 1, "Running": 2}
 
 # Options as kubernetes.core names them, with their K8S_AUTH_* environment variables, for a module to merge into its
-# argument spec; `no_log` keeps credentials out of logs and results. kubernetes.core's username and password are
-# left out: Kubernetes 1.19 removed basic authentication from the API server.
+# argument spec. `no_log` keeps credentials out of logs and results. kubernetes.core's username and password are
+# left out, because Kubernetes 1.19 removed basic authentication from the API server.
 KUBERNETES_ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "kubeconfig": {"type": "raw", "no_log": True},
     "context": {"type": "str"},
@@ -548,7 +548,7 @@ def plan_scale_in(pods: Sequence[PodState], count: int) -> ScaleInPlan:
 
 @dataclass
 class ScaleResult:
-    """What a scale call did, or would do in check mode.
+    """Outcome of a scale call, or the planned outcome in check mode.
 
     Attributes:
         before: spec.replicas when the last attempt read the Deployment.

@@ -1,10 +1,10 @@
 """The Kubernetes scaling backend against a local HTTP server that speaks the API endpoints it uses.
 
-No Kubernetes API server can run on these test machines, so `FakeApiServer` serves, on 127.0.0.1, the four
-endpoints the backend calls (read and patch deployments/scale, list pods, patch a pod) with the API server's
-semantics that matter here: resourceVersion preconditions that give 409, Status bodies for errors, bearer token
-checks, and a ReplicaSet emulation that removes pods by phase, readiness and pod-deletion-cost when replicas
-drop. The backend talks to it through the official kubernetes client, as it would to a cluster.
+No Kubernetes API server can run on these test machines. `FakeApiServer` therefore serves, on 127.0.0.1, the four
+endpoints the backend calls: read and patch deployments/scale, list pods, patch a pod. It keeps the API server's
+behaviour that matters here: resourceVersion preconditions that give 409, Status bodies for errors and bearer
+token checks. It also emulates the ReplicaSet, which removes pods by phase, readiness and pod-deletion-cost when
+replicas drop. The backend talks to it through the official kubernetes client, as it would to a cluster.
 
 Sidekiq's processes are fake heartbeat hashes in a real redis-server on loopback (and one test runs the real
 Sidekiq 6.4.1), read with the project's own state reader.
@@ -99,7 +99,8 @@ class FakeApiServer:
 
     def deletion_costs(self) -> dict[str, str | None]:
         return {
-            name: pod["metadata"]["annotations"].get(backend.DELETION_COST_ANNOTATION) for name, pod in self.pods.items()
+            name: pod["metadata"]["annotations"].get(backend.DELETION_COST_ANNOTATION)
+            for name, pod in self.pods.items()
         }
 
     def count(self, method: str, pattern: str) -> int:
@@ -158,10 +159,9 @@ class FakeApiServer:
                 return 200, self.scale_object()
             return self._patch_scale(headers, body)
         if (match := PODS_PATH.match(path)) and method == "GET":
-            wanted = dict(part.split("=", 1) for part in parse_qs(urlsplit(url).query)["labelSelector"][0].split(","))
-            items = [
-                pod for pod in self.pods.values() if all(pod["metadata"]["labels"].get(k) == v for k, v in wanted.items())
-            ]
+            selector = parse_qs(urlsplit(url).query)["labelSelector"][0]
+            expected = dict(part.split("=", 1) for part in selector.split(","))
+            items = [pod for pod in self.pods.values() if expected.items() <= pod["metadata"]["labels"].items()]
             return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
         if (match := POD_PATH.match(path)) and method == "PATCH":
             pod = self.pods.get(match["name"])
@@ -281,7 +281,7 @@ def test_scale_out_patches_replicas(api_server: FakeApiServer) -> None:
     assert api_server.replicas == 3
     assert api_server.count("PATCH", "/pods/") == 0
     assert result.quieted == []
-    patch = [body for verb, path, body in api_server.requests if verb == "PATCH"][0]
+    patch = next(body for verb, path, body in api_server.requests if verb == "PATCH")
     assert patch == {"metadata": {"resourceVersion": "100"}, "spec": {"replicas": 3}}
 
 

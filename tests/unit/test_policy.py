@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import random
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -291,6 +292,14 @@ def test_state_samples_stay_bounded() -> None:
     assert all(newest - sample.at <= 3600 for sample in pool.state.samples)
 
 
+def test_state_keeps_arrival_window() -> None:
+    pool = FluidPool(settings())
+    pool.run(lambda _: 5.0, 100)
+    samples = pool.state.samples
+    assert samples[-1].at - samples[0].at >= policy.ARRIVAL_WINDOW - INTERVAL
+    assert reload(pool.state) == pool.state
+
+
 # Demand.
 
 
@@ -306,14 +315,18 @@ def test_erlang_c_known_values() -> None:
 def test_threads_for_arrival_meets_limits() -> None:
     for load in (0.5, 3.0, 18.0, 57.0, 190.0):
         threads = threads_for_arrival(load, 3.0, 10.0)
-        assert load / threads <= policy.MAX_UTILIZATION
+        assert threads > load
         late = erlang_c(threads, load) * math.exp(-(threads - load) * 10.0 / 3.0)
         assert late <= policy.MAX_LATE_PROBABILITY
         fewer = threads - 1
-        if fewer > load and load / fewer <= policy.MAX_UTILIZATION:
+        if fewer > load:
             late_fewer = erlang_c(fewer, load) * math.exp(-(fewer - load) * 10.0 / 3.0)
             assert late_fewer > policy.MAX_LATE_PROBABILITY
     assert threads_for_arrival(0.0, 3.0, 10.0) == 0
+
+
+def test_threads_for_arrival_caps_absurd_load() -> None:
+    assert threads_for_arrival(1e9, 3.0, 10.0) == policy.SIZING_LIMIT
 
 
 def test_throughput_from_processed_counter() -> None:
@@ -340,8 +353,26 @@ def test_backlog_scale_out_explains_sizing() -> None:
     assert decision.recommendation > 6
     assert "Backlog 420 jobs with latency 35 s exceeds target 10 s." in decision.reason
     assert "Arrival" in decision.reason
-    assert "starting the waiting jobs within the target needs" in decision.reason
+    assert "starting the waiting jobs within 30 s needs" in decision.reason
     assert decision.reason.endswith("Scaling out from 2 to 6 (max step 4).")
+
+
+def test_backlog_drains_within_drain_time() -> None:
+    # 12.5 jobs/s of 1.6 s jobs (20 busy threads) and 600 jobs waiting for 40 s. The pool needs the load (20
+    # threads) plus 600 * 1.6 / 30 = 32 threads to start the backlog within 30 s.
+    state = warmed_state(rate=12.5, service=1.6, busy=20, backlog=600)
+    decision = decide(
+        signals(backlog=600, latency=40.0, busy=20, throughput=12.5, now=START), settings(max_step_out=20), state
+    )
+    assert decision.details["arrival"] == pytest.approx(12.5)
+    assert decision.details["service_time"] == pytest.approx(1.6)
+    assert decision.details["threads_needed"] == pytest.approx(12.5 * 1.6 + 600 * 1.6 / policy.DRAIN_TIME)
+    assert decision.desired == 6
+
+
+def test_drain_time_is_at_least_target() -> None:
+    assert policy.drain_time(settings(target_latency=5)) == policy.DRAIN_TIME
+    assert policy.drain_time(settings(target_latency=120)) == 120
 
 
 def test_steady_load_holds() -> None:
@@ -361,6 +392,155 @@ def test_short_queue_needs_no_extra_threads() -> None:
     )
     assert decision.action == HOLD
     assert decision.details["threads_needed"] < 30
+
+
+# Arrival rate.
+
+
+def rate_history(rates: list[float], busy: int = 10, backlog: int = 0) -> PolicyState:
+    """Build a state whose run intervals saw `rates` jobs/s, oldest first; the last interval ends at START.
+
+    Backlog and busy threads stay constant, so each interval's arrivals equal its throughput. Pass `rates[-1]`
+    as the throughput, and the same backlog and busy threads, in the signals at START.
+    """
+    samples = []
+    count = len(rates)
+    for number in range(count):
+        throughput = rates[max(0, number - 1)]
+        samples.append(
+            policy.Sample(
+                at=START - INTERVAL * (count - number),
+                backlog=backlog,
+                busy=busy,
+                throughput=throughput,
+                threads=float(busy),
+                recommendation=1,
+            )
+        )
+    return PolicyState(samples=tuple(samples))
+
+
+def measured_arrival(rates: list[float], busy: int = 10, history_backlog: int = 0, **overrides: object) -> float:
+    values: dict[str, object] = {"busy": busy, "throughput": rates[-1], "processes": 4, "capacity": 40}
+    values.update(overrides)
+    decision = decide(signals(**values), settings(), rate_history(rates, busy, history_backlog))
+    arrival = decision.details["arrival"]
+    assert isinstance(arrival, float)
+    return arrival
+
+
+def test_arrival_follows_burst_in_first_run() -> None:
+    # 20 runs at 4 jobs/s, then an interval at 28 jobs/s: a level shift, so the old runs do not dilute it.
+    assert measured_arrival([4.0] * 20 + [28.0]) == pytest.approx(28.0)
+
+
+def test_arrival_drops_when_burst_ends() -> None:
+    assert measured_arrival([4.0] * 10 + [40.0] * 10 + [4.0]) == pytest.approx(4.0)
+
+
+def test_arrival_keeps_window_for_swinging_rate() -> None:
+    # A rate redrawn every minute (two runs) around 8 jobs/s, with the newest minute at 2.5 times the mean.
+    generator = random.Random(3)
+    minutes = [8.0 * generator.lognormvariate(-0.125, 0.5) for _ in range(29)] + [20.0]
+    rates = [rate for rate in minutes for _ in range(2)][-60:]
+    arrival = measured_arrival(rates)
+    mean = sum(rates) / len(rates)
+    # The spike does not replace the window's level, and the swings add headroom above the mean.
+    assert mean < arrival < 20.0
+    assert arrival > mean + 1.5 * statistics.pstdev(rates[:-2])
+
+
+def test_arrival_follows_significant_trend() -> None:
+    # A rate rising by 0.05 jobs/s per run, with noise below Poisson's: the estimate is the fitted rate at the end
+    # of the newest interval (12.975 jobs/s), not the window's mean of about 11.5 jobs/s.
+    generator = random.Random(9)
+    rates = [10.0 + 0.05 * number + generator.gauss(0.0, 0.3) for number in range(60)]
+    assert measured_arrival(rates) == pytest.approx(12.975, abs=0.2)
+
+
+def test_arrival_ignores_insignificant_trend() -> None:
+    generator = random.Random(5)
+    rates = [10.0 + generator.gauss(0.0, 2.0) for _ in range(60)]
+    level, _ = policy._fit_rate([(rate * INTERVAL, INTERVAL) for rate in reversed(rates)])
+    assert level == pytest.approx(sum(rates) / len(rates))
+
+
+def test_rate_spread_ignores_one_level_shift() -> None:
+    steady = [10.0, 11.0, 9.0, 10.5, 9.5, 10.0, 11.0, 9.0]
+    assert policy._rate_spread(steady + [40.0] * 8) == pytest.approx(policy._rate_spread(steady), rel=0.5)
+    assert policy._rate_spread([10.0, 12.0]) == 0.0
+
+
+def test_queue_growth_measures_burst_start() -> None:
+    # After 20 runs at 4 jobs/s, 9 jobs/s finished in the newest interval and 400 jobs queued up, all within the
+    # last 10 s: the interval's mean rate is 9 + 400 / 30 = 22.3 jobs/s.
+    rates = [4.0] * 20 + [9.0]
+    assert measured_arrival(rates, backlog=400, latency=10.0) == pytest.approx(9.0 + 400 / 30)
+    # With every thread busy, the queue grew by 400 jobs in 10 s on top of what the 10 threads start, which
+    # measures the new level: 10 / 2.35 + 40 = 44 jobs/s, with 2.35 s per job from Little's law.
+    service_time = 20 * 10 / (19 * 4.0 + 9.0)
+    saturated = measured_arrival(rates, backlog=400, latency=10.0, capacity=10, processes=1)
+    assert saturated == pytest.approx(10 / service_time + 40.0)
+
+
+def test_queue_growth_needs_level_shift() -> None:
+    # The same saturated pool and queue after a steady rate: no level shift, so the queue's age is ordinary
+    # queueing and says nothing new about the rate.
+    arrival = measured_arrival([9.0] * 21, history_backlog=400, backlog=400, latency=10.0, capacity=10, processes=1)
+    assert arrival == pytest.approx(9.0)
+
+
+def test_service_time_averages_busy_over_interval() -> None:
+    # 5 jobs/s of 2 s jobs keep 10 threads busy; at this run a scale-out let 90 more threads take a backlog. The
+    # busy threads at the reading alone would give 100 / 5 = 20 s for the last interval.
+    state = rate_history([5.0] * 20, busy=10)
+    decision = decide(signals(busy=100, throughput=5.0, processes=10, capacity=100), settings(), state)
+    assert decision.details["service_time"] < 2.5
+
+
+# Bursts and scheduled batches.
+
+
+def test_default_first_step_covers_burst() -> None:
+    assert settings().max_step_out == policy.DEFAULT_MAX_STEP_OUT == 20
+    state = warmed_state(rate=4.0, service=3.0, busy=12)
+    decision = decide(signals(backlog=700, latency=17.0, busy=20, throughput=6.5, now=START), settings(), state)
+    assert decision.action == SCALE_OUT
+    assert decision.desired - decision.current > policy.DEFAULT_MAX_STEP_IN
+
+
+def test_upcoming_batch_scales_out_before_due() -> None:
+    state = warmed_state(rate=3.0, service=3.0, busy=9, runs=20)
+    decision = decide(signals(busy=9, throughput=3.0, upcoming=2000, processes=2, capacity=20), settings(), state)
+    assert decision.action == SCALE_OUT
+    assert "2000 scheduled jobs come due within 60 s." in decision.reason
+    # 2000 jobs of 3 s each, started within the 30 s drain time, need 200 threads on top of the load.
+    assert decision.desired == 20
+
+
+def burst_rate(number: int) -> float:
+    return 60.0 if 10 <= number < 20 else 5.0
+
+
+def test_burst_scales_out_within_two_runs() -> None:
+    pool = FluidPool(settings(max_processes=20), current=2)
+    decisions = pool.run(burst_rate, 40)
+    assert SCALE_OUT in {decisions[10].action, decisions[11].action}
+    assert max(decision.desired for decision in decisions[10:12]) >= 12
+
+
+def test_no_scale_in_before_stabilization_after_burst() -> None:
+    window = 120.0
+    pool = FluidPool(settings(max_processes=20, scale_in_stabilization=window), current=2)
+    decisions = pool.run(burst_rate, 40)
+    peak = max(range(len(decisions)), key=lambda number: decisions[number].details["threads_needed"])
+    first_scale_in = next(number for number, decision in enumerate(decisions) if decision.action == SCALE_IN)
+    # The burst's demand bounds a scale-in for the whole window, and the scale-in cooldown follows any action.
+    assert (first_scale_in - peak) * INTERVAL >= window
+    last_scale_out = max(number for number, decision in enumerate(decisions) if decision.action == SCALE_OUT)
+    assert (first_scale_in - last_scale_out) * INTERVAL >= policy.DEFAULT_SCALE_IN_COOLDOWN
+    # Once the window has passed, the pool goes back to what 5 jobs/s of 2 s jobs need within a few runs.
+    assert decisions[-1].desired <= 2
 
 
 # Floors.

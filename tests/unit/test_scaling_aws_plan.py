@@ -173,7 +173,7 @@ def test_match_task_label_accepts_id_and_arn() -> None:
     assert matched[arn] == [by_id, by_arn]
 
 
-def test_build_views_reports_gone_and_silent() -> None:
+def test_build_views_reports_stale_and_silent() -> None:
     members = [instance("i-a"), instance("i-b")]
     leaving = {"i-a": LEAVING, "i-gone": LEAVING}
 
@@ -226,7 +226,7 @@ def test_asg_scale_out_sets_capacity() -> None:
     assert plan.requested_after == 3
     assert plan.leave == ()
     assert plan.protect == ()
-    assert "from 1 to 3 instances" in " ".join(plan.notes)
+    assert "goes from 1 to 3 instances" in " ".join(plan.notes)
 
 
 def test_asg_scale_out_clamps_to_max() -> None:
@@ -442,8 +442,8 @@ def test_ecs_kept_removed_task_counts_again() -> None:
     assert any("ECS kept t-c" in note for note in plan.notes)
 
 
-def test_forget_gone_records() -> None:
-    reading = asg_reading([view(instance("i-a"))], capacity=1, gone=("i-old",))
+def test_forget_stale_records() -> None:
+    reading = asg_reading([view(instance("i-a"))], capacity=1, stale_records=("i-old",))
 
     plan = plan_scaling(reading, 1)
 

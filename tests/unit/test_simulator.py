@@ -8,6 +8,7 @@ import sys
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,14 +17,30 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import policy
-from benchmarks.autoscale import traces
-from benchmarks.autoscale.controllers import HireFire, Judoscale, KedaHpa, OurPolicy
+from benchmarks.autoscale import run, traces
+from benchmarks.autoscale.controllers import HireFire, Judoscale, KedaHpa, OurPolicy, ReactiveBound
 from benchmarks.autoscale.simulator import (
     Observation,
     PoolConfig,
     Simulation,
     count_reversals,
     simulate,
+)
+from benchmarks.autoscale.targets import (
+    HIREFIRE_LATENCY,
+    HIREFIRE_QUEUE,
+    JUDOSCALE,
+    KEDA,
+    OURS,
+    TARGET_FRONTIER,
+    TARGET_INTERRUPTED,
+    TARGET_KEDA,
+    Point,
+    check_family,
+    check_keda,
+    check_targets,
+    frontier,
+    minutes_at,
 )
 from benchmarks.autoscale.traces import Trace
 
@@ -209,6 +226,17 @@ def test_scheduled_jobs_move_on_poll() -> None:
     assert result.waits[0] == pytest.approx(3.0)
 
 
+def test_observation_separates_queue_latency() -> None:
+    # A pool of zero processes never moves the due scheduled job, so only `latency` sees its age.
+    trace = make_trace([(10.0, 1.0, True), (12.0, 1.0, False)], 100.0)
+    simulation = Simulation(trace, Fixed(0), PoolConfig(min_processes=0, initial_processes=0))
+    simulation.run()
+    seen = simulation.observe()
+    assert seen.latency == pytest.approx(90.0)
+    assert seen.queue_latency == pytest.approx(88.0)
+    assert (seen.queued, seen.due_scheduled) == (1, 1)
+
+
 def test_observation_counts_upcoming_scheduled_jobs() -> None:
     trace = make_trace([(50.0, 1.0, True), (70.0, 1.0, True), (200.0, 1.0, True), (60.0, 1.0, False)], 300.0)
     simulation = Simulation(trace, Fixed(1), PoolConfig(upcoming_window=60.0))
@@ -226,30 +254,48 @@ def test_keda_hpa_steps() -> None:
     keda = KedaHpa(config)
     # 100 jobs in the list: ceil(100 / 5) = 20 pods, but one sync adds at most max(4 pods, 100 %).
     assert keda.desired(observation(15.0, queued=100, requested=2)) == 6
-    # 15 s later the metric is still the one polled at 15 s, and 6 pods may double to 12.
-    assert keda.desired(observation(30.0, queued=0, requested=6)) == 12
+    # At the next sync 6 pods may double to 12.
+    assert keda.desired(observation(30.0, queued=100, requested=6)) == 12
     # A fresh scaler reads 21 jobs for 4 pods: the ratio 21 / 20 = 1.05 is within the 10 % tolerance.
     keda_tolerant = KedaHpa(config)
     assert keda_tolerant.desired(observation(15.0, queued=21, requested=4)) == 4
 
 
+def test_keda_hpa_reads_list_at_every_sync() -> None:
+    # KEDA's useCachedMetrics is false by default, so each HPA sync sees the list length of that moment.
+    keda = KedaHpa(PoolConfig(min_processes=1, max_processes=30))
+    assert keda.desired(observation(15.0, queued=10, requested=2)) == 2
+    assert keda.desired(observation(30.0, queued=40, requested=2)) == 6
+
+
+def test_keda_hpa_ignores_running_and_due_jobs() -> None:
+    keda = KedaHpa(PoolConfig(min_processes=1, max_processes=30))
+    assert keda.desired(observation(15.0, queued=0, due_scheduled=500, busy=100, requested=1)) == 1
+
+
 def test_keda_hpa_scale_down_waits_for_window() -> None:
     config = PoolConfig(min_processes=1, max_processes=30)
     keda = KedaHpa(config)
-    # 50 jobs for 10 pods is exactly the target: the recommendation is 10 at 15 s and, from the same poll, 30 s.
+    # 50 jobs for 10 pods is exactly the target: the recommendation is 10 at 15 s.
     assert keda.desired(observation(15.0, queued=50, requested=10)) == 10
-    # From the poll at 45 s the empty list recommends the minimum, but the highest recommendation of the last
-    # 300 s (10, made at 30 s) holds until 330 s.
-    for now in range(30, 330, 15):
+    # From 30 s the empty list recommends the minimum, but the highest recommendation of the last 300 s (10, made
+    # at 15 s) holds until it leaves the window at 315 s.
+    for now in range(30, 315, 15):
         assert keda.desired(observation(float(now), queued=0, requested=10)) == 10
-    assert keda.desired(observation(330.0, queued=0, requested=10)) == 1
+    assert keda.desired(observation(315.0, queued=0, requested=10)) == 1
 
 
 def test_judoscale_upscale_interval() -> None:
     judoscale = Judoscale(PoolConfig(max_processes=10), upscale_threshold=10.0, upscale_interval=60.0)
-    assert judoscale.desired(observation(10.0, queued=50, latency=12.0, requested=2)) == 3
-    assert judoscale.desired(observation(20.0, queued=50, latency=15.0, requested=3)) == 3
-    assert judoscale.desired(observation(70.0, queued=50, latency=15.0, requested=3)) == 4
+    assert judoscale.desired(observation(10.0, queued=50, queue_latency=12.0, requested=2)) == 3
+    assert judoscale.desired(observation(20.0, queued=50, queue_latency=15.0, requested=3)) == 3
+    assert judoscale.desired(observation(70.0, queued=50, queue_latency=15.0, requested=3)) == 4
+
+
+def test_judoscale_ignores_due_scheduled_jobs() -> None:
+    # Judoscale's Sidekiq adapter reports queue latency, which due scheduled jobs do not have yet.
+    judoscale = Judoscale(PoolConfig(max_processes=10), upscale_threshold=10.0)
+    assert judoscale.desired(observation(10.0, due_scheduled=500, latency=40.0, requested=2)) == 2
 
 
 def test_judoscale_downscale_after_ten_minutes() -> None:
@@ -264,11 +310,20 @@ def test_judoscale_downscale_after_ten_minutes() -> None:
 def test_judoscale_latency_between_thresholds_resets_delay() -> None:
     judoscale = Judoscale(PoolConfig(max_processes=10), downscale_threshold=2.0, downscale_delay=600.0)
     judoscale.desired(observation(10.0, requested=5))
-    judoscale.desired(observation(500.0, queued=5, latency=5.0, requested=5))
+    judoscale.desired(observation(500.0, queued=5, queue_latency=5.0, requested=5))
     # Below the threshold again from 650 s: the ten minutes start over there.
     assert judoscale.desired(observation(650.0, requested=5)) == 5
     assert judoscale.desired(observation(1240.0, requested=5)) == 5
     assert judoscale.desired(observation(1250.0, requested=5)) == 4
+
+
+def test_baselines_respect_floor() -> None:
+    config = PoolConfig(min_processes=3, max_processes=10)
+    assert Judoscale(config).desired(observation(10.0, requested=1)) == 3
+    assert HireFire(config, strategy="latency").desired(observation(60.0, requested=1)) == 3
+    assert HireFire(config, strategy="job_queue").desired(observation(60.0, requested=1)) == 3
+    assert "min 3" in Judoscale(config).name
+    assert "min" not in Judoscale(PoolConfig()).name
 
 
 def test_hirefire_job_queue_ratio_and_sensitivity() -> None:
@@ -294,6 +349,12 @@ def test_hirefire_latency_steps() -> None:
     assert hirefire.desired(observation(180.0, queued=0, latency=0.0, requested=4)) == 3
 
 
+def test_hirefire_latency_counts_due_scheduled_jobs() -> None:
+    # The hirefire-resource Sidekiq macro measures the latency of due scheduled and retry jobs too.
+    hirefire = HireFire(PoolConfig(max_processes=20), strategy="latency")
+    assert hirefire.desired(observation(60.0, due_scheduled=500, latency=40.0, requested=2)) == 3
+
+
 def test_hirefire_rejects_unknown_strategy() -> None:
     with pytest.raises(ValueError, match="strategy 'magic' is invalid"):
         HireFire(PoolConfig(), strategy="magic")
@@ -314,6 +375,25 @@ def test_our_policy_runs_the_module_policy() -> None:
     assert result.interrupted == 0
     # 10 jobs/s of 2 s jobs keep 20 threads busy: the policy settles at 3 or 4 processes.
     assert result.series_processes[-1] in (3, 4)
+
+
+def test_our_policy_without_upcoming_and_job_ages() -> None:
+    config = PoolConfig()
+    seen = observation(60.0, longest_running=300.0, upcoming=50)
+    partial = OurPolicy(config, full_signals=False).signals(seen)
+    assert (partial.upcoming, partial.longest_running) == (None, None)
+    hidden = OurPolicy(config, hide_job_ages=True).signals(seen)
+    assert (hidden.upcoming, hidden.longest_running) == (50, 0.0)
+    full = OurPolicy(config).signals(seen)
+    assert (full.upcoming, full.longest_running) == (50, 300.0)
+
+
+def test_reactive_bound_jumps_to_max_and_back() -> None:
+    bound = ReactiveBound(PoolConfig(max_processes=20), base=3, trigger=50, hold=90.0)
+    assert bound.desired(observation(30.0, queued=10, requested=3)) == 3
+    assert bound.desired(observation(60.0, queued=51, requested=3)) == 20
+    assert bound.desired(observation(120.0, queued=0, requested=20)) == 20
+    assert bound.desired(observation(150.0, queued=0, requested=20)) == 3
 
 
 def test_count_reversals() -> None:
@@ -350,6 +430,16 @@ def test_bursts_trace_rate() -> None:
     assert before == pytest.approx(4 * 300, rel=0.15)
 
 
+def test_bursts_shift_moves_every_burst() -> None:
+    shift = 20.0
+    trace = traces.bursts(shift=shift)
+    for start in traces.BURST_STARTS:
+        before = sum(1 for at in trace.times if start <= at < start + shift)
+        inside = sum(1 for at in trace.times if start + shift <= at < start + 2 * shift)
+        assert before == pytest.approx(4 * shift, abs=20)
+        assert inside == pytest.approx(40 * shift, rel=0.2)
+
+
 def test_load_csv(tmp_path: Path) -> None:
     source = tmp_path / "jobs.csv"
     source.write_text("at,duration,scheduled\n5,2.5,0\n1,1.0,\n3,4,1\n", encoding="utf-8")
@@ -379,3 +469,84 @@ def test_poisson_helper_rate() -> None:
     trace = poisson_trace(rate=8.0, mean_service=1.0, horizon=1000.0, seed=1)
     assert len(trace) == pytest.approx(8000, rel=0.05)
     assert math.isclose(sum(trace.durations) / len(trace), 1.0, rel_tol=0.05)
+
+
+# Target checks.
+
+
+def row(family: str, worker: float, minutes: float, **figures: float) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "family": family,
+        "controller": f"{family} {worker:g} h",
+        "worker_hours": worker,
+        "minutes_above_target": minutes,
+        "p95_wait": 1.0,
+        "interrupted": 0,
+    }
+    values.update(figures)
+    return values
+
+
+def test_frontier_drops_dominated_points() -> None:
+    points = [Point(10.0, 5.0, "a"), Point(12.0, 6.0, "b"), Point(14.0, 2.0, "c"), Point(14.0, 3.0, "d")]
+    assert [point.name for point in frontier(points)] == ["a", "c"]
+
+
+def test_minutes_at_interpolates_frontier() -> None:
+    points = [Point(10.0, 6.0, "a"), Point(20.0, 2.0, "b"), Point(30.0, 4.0, "c")]
+    assert minutes_at(points, 15.0) == (4.0, [points[0], points[1]])
+    # Below the cheapest point its minutes count; above the frontier's last point the line stays flat.
+    assert minutes_at(points, 5.0) == (6.0, [points[0]])
+    assert minutes_at(points, 25.0) == (2.0, [points[1]])
+    assert minutes_at(points, 31.0) is None
+
+
+def test_family_check_compares_at_equal_worker_time() -> None:
+    sweep = [row(JUDOSCALE, 10.0, 6.0), row(JUDOSCALE, 20.0, 2.0)]
+    passed = check_family(row(OURS, 15.0, 3.9), JUDOSCALE, sweep)
+    assert passed.passed
+    assert "3.9 min vs 4.0 min at 15.0 h" in passed.detail
+    assert not check_family(row(OURS, 15.0, 4.0), JUDOSCALE, sweep).passed
+    # A point that costs less and spends no more minutes beats ours, wherever the other points are.
+    assert not check_family(row(OURS, 15.0, 1.0), JUDOSCALE, [*sweep, row(JUDOSCALE, 14.0, 1.0)]).passed
+
+
+def test_family_check_fails_beyond_sweep() -> None:
+    check = check_family(row(OURS, 25.0, 0.0), JUDOSCALE, [row(JUDOSCALE, 10.0, 6.0), row(JUDOSCALE, 20.0, 2.0)])
+    assert not check.passed
+    assert "more than every sweep point (at most 20.0 h)" in check.detail
+
+
+def test_keda_check_needs_both_figures() -> None:
+    keda = row(KEDA, 20.0, 5.0, p95_wait=10.0)
+    assert check_keda(row(OURS, 15.0, 0.0, p95_wait=10.0), keda).passed
+    assert not check_keda(row(OURS, 15.1, 0.0, p95_wait=1.0), keda).passed
+    assert not check_keda(row(OURS, 10.0, 0.0, p95_wait=10.5), keda).passed
+
+
+def test_check_targets_covers_every_target() -> None:
+    rows = [
+        row(OURS, 15.0, 1.0, interrupted=2),
+        row(KEDA, 30.0, 5.0, p95_wait=20.0),
+        row(JUDOSCALE, 20.0, 2.0),
+        row(HIREFIRE_QUEUE, 20.0, 0.5),
+    ]
+    checks = {(check.target, check.against): check.passed for check in check_targets(rows)}
+    assert checks == {
+        (TARGET_KEDA, rows[1]["controller"]): True,
+        (TARGET_FRONTIER, JUDOSCALE): True,
+        (TARGET_FRONTIER, HIREFIRE_QUEUE): False,
+        (TARGET_INTERRUPTED, OURS): False,
+    }
+
+
+def test_sweep_floors_raise_minimum() -> None:
+    floors = [entry for entry in run.entries() if entry.config.min_processes > 1]
+    assert {entry.family for entry in floors} == {JUDOSCALE, HIREFIRE_LATENCY}
+    for entry in floors:
+        controller = entry.build(entry.config)
+        assert f"min {entry.config.min_processes}" in controller.name
+        assert entry.config.initial_processes == entry.config.min_processes
+    names = [entry.build(entry.config).name for entry in run.entries()]
+    assert len(names) == len(set(names))
+    assert set(run.PLOTTED) <= set(names)

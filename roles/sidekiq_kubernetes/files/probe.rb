@@ -6,7 +6,7 @@
 #
 # ready: exits 0 when a beat is younger than SIDEKIQ_PROBE_READY_MAX_AGE seconds; 1 otherwise, and 1 when Redis
 #        cannot be reached (the process cannot fetch jobs then).
-# live:  exits 1 only when Redis answers and no beat is younger than SIDEKIQ_PROBE_LIVE_MAX_AGE seconds (a hung or
+# live:  exits 1 only when Redis is reachable and no beat is younger than SIDEKIQ_PROBE_LIVE_MAX_AGE seconds (a hung or
 #        dead heartbeat thread). It exits 0 when Redis cannot be reached, because restarting the pod cannot fix
 #        Redis and would cut its running jobs short.
 require "redis"
