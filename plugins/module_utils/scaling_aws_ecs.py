@@ -280,6 +280,8 @@ class EcsBackend:
 
     @staticmethod
     def _hostnames(task: Mapping[str, Any]) -> tuple[str, ...]:
+        # NOTE: the hostname a container reports on Fargate and in bridge mode was not checked on real ECS, only
+        # against moto's task descriptions; the task-id label is the reliable match.
         names: list[str] = []
         for attachment in task.get("attachments") or []:
             details = {item.get("name"): item.get("value") for item in attachment.get("details") or []}

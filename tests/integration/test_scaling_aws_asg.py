@@ -17,7 +17,7 @@ import pytest
 import redis
 from botocore.awsrequest import AWSResponse
 from sidekiq_fixtures import RedisServer, ruby_enqueue, running_redis, wait_for  # type: ignore[import-not-found]
-from test_scaling_aws_support import (  # type: ignore[import-not-found]
+from scaling_aws_support import (  # type: ignore[import-not-found]
     LabelledWorker,
     MotoServer,
     create_group,

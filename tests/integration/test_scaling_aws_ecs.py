@@ -1,7 +1,7 @@
 """The aws_ecs backend against a moto server and a real redis-server, then end to end with real Sidekiq.
 
 moto 5.2.5 lacks task protection and never starts or stops a service's tasks; the test doubles for both are in
-test_scaling_aws_support (`task_protection_in_moto`, `EcsScheduler`). Everything else is moto's own ECS, driven
+scaling_aws_support (`task_protection_in_moto`, `EcsScheduler`). Everything else is moto's own ECS, driven
 through boto3.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 from sidekiq_fixtures import RedisServer, ruby_enqueue, running_redis, wait_for  # type: ignore[import-not-found]
-from test_scaling_aws_support import (  # type: ignore[import-not-found]
+from scaling_aws_support import (  # type: ignore[import-not-found]
     EcsScheduler,
     EcsService,
     LabelledWorker,

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_scaling_aws_support import (  # type: ignore[import-not-found]
+from scaling_aws_support import (  # type: ignore[import-not-found]
     REGION,
     MotoServer,
     aws_environment,
