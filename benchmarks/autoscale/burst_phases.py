@@ -1,6 +1,6 @@
 """Run the bursts trace with every burst moved by 0 to 25 s, to show how much the burst phase decides p95 wait.
 
-A controller that runs every T seconds sees a burst between 0 and T seconds after it starts, depending on where
+A controller that runs every T seconds detects a burst between 0 and T seconds after it starts, depending on where
 the burst falls between two runs. The bursts trace has only three bursts, so their phase against each controller's
 runs weighs on its p95 wait. This script moves all three bursts together and prints, per shift, the worker time
 and p95 wait of KEDA/HPA, of our policy and of the reactive bound with 2 and 4 processes between bursts.

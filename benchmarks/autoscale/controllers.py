@@ -5,7 +5,7 @@ The baselines follow the behaviour their vendors document, reduced to what one S
 - `KedaHpa`: the KEDA Redis-lists scaler feeding a Kubernetes HorizontalPodAutoscaler. The list length (LLEN,
   so neither running nor due scheduled jobs) is an AverageValue metric with target `list_length` (5 by
   default). The HPA syncs every 15 s and, because KEDA's `useCachedMetrics` is false by default, KEDA's
-  metrics server reads the list afresh for every sync; the 30 s `pollingInterval` only drives the 0 <-> 1
+  metrics server reads the list afresh for every sync. The 30 s `pollingInterval` only drives the 0 <-> 1
   activation, which a pool with min 1 never uses. Each sync: desired = ceil(list length / target), no change
   while the ratio is within 10 % of 1, scale-up by at most max(4 pods, 100 %), and scale-down only to the
   highest recommendation of the last 300 s.
@@ -256,11 +256,12 @@ class HireFire:
 class ReactiveBound:
     """A bound for any autoscaler that runs every `interval` seconds and learns of a burst from the queue.
 
-    It keeps `base` processes outside bursts. At the first run that sees more than `trigger` waiting jobs it asks
-    for the maximum at once, with no step limit and no estimate to build up, and holds it for `hold` seconds after
-    the last such run. No policy that reads the pool at the same interval can start processes earlier or more at
-    once, so its p95 wait at a given base is the lowest such a policy reaches on a burst. It knows the trace (the
-    burst rate needs the maximum, and bursts last 300 s), so it is a yardstick, not an autoscaler.
+    It keeps `base` processes outside bursts. At the first run that reads more than `trigger` waiting jobs it requests
+    the maximum at once, with no step limit and no estimate to build up, and holds it for `hold` seconds after
+    the last such run. A policy that reads the pool at the same interval and keeps the same count between bursts
+    cannot start processes earlier or more at once, so the bound's p95 wait is the lowest such a policy reaches.
+    It knows the trace (the burst rate needs the maximum, and bursts last 300 s), so it is a yardstick, not an
+    autoscaler.
     """
 
     config: PoolConfig

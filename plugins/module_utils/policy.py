@@ -8,10 +8,11 @@ JSON (through `PolicyState.to_dict`) and applies the desired count through a bac
 How a decision is made:
 
 1. Arrival rate. Each run interval's arrivals are the jobs finished plus the growth of backlog and busy threads.
-   Over the last ARRIVAL_WINDOW seconds the policy keeps the newest intervals that share one level: an interval
-   whose rate differs from the newer ones by more than LEVEL_SHIFT_SPREADS spreads marks a level shift (a burst
-   that starts or ends, a scheduled batch), and the older intervals are dropped. A line fitted through the kept
-   intervals gives the rate now when its trend is significant, and their mean otherwise. The rate to size for
+   Over the last ARRIVAL_WINDOW seconds the policy keeps the newest intervals that share one level. An interval
+   whose rate differs from the newer ones by more than LEVEL_SHIFT_SPREADS yardsticks marks a level shift, and the
+   intervals before it are dropped. The yardstick is the window's robust spread together with Poisson noise, and a
+   burst that starts or ends or a scheduled batch is such a shift. A line fitted through
+   the kept intervals gives the rate now when its trend is significant, and their mean otherwise. The rate to size for
    adds RATE_SPREADS standard deviations of the swings beyond Poisson noise, so a rate that swings from minute to
    minute holds a steady count instead of being chased.
 2. Demand, in threads. The mean job duration comes from Little's law over the last SERVICE_TIME_WINDOW seconds.
@@ -74,9 +75,9 @@ SCALE_IN_MARGIN = 0.02
 # minute to minute from moving the count, while a level shift cuts the window short and a significant trend is
 # followed by the fitted line.
 ARRIVAL_WINDOW = 1800.0
-# Spreads (see `_rate_spread`) by which an interval's rate must differ from the mean of the newer intervals to mark
-# a level shift. A 10x burst differs by dozens of spreads, while a rate that swings by half its mean from minute to
-# minute stays within five.
+# Yardsticks (see `_recent_level`) by which an interval's rate must differ from the mean of the newer intervals to
+# mark a level shift. In the benchmark the start and the end of a 10x burst differ by 6 to 21, while a rate that
+# swings by half its mean from minute to minute stays within 5 in 4 of 5 runs.
 LEVEL_SHIFT_SPREADS = 5.0
 # Standard deviations of the rate's swings beyond Poisson noise that the rate to size for adds to the measured rate.
 RATE_SPREADS = 2.0
@@ -145,9 +146,12 @@ class PoolSignals:
         requested: process count the backend is set to, booting processes included. When None, the policy
             takes `processes` as the current count.
         idle_processes: live, non-quiet processes with no busy thread; None when the reader cannot tell.
-        longest_running: age in seconds of the oldest running job of the pool; None when unknown.
+        longest_running: age in seconds of the oldest running job of the pool; None when unknown. While it is
+            unknown, scale-in removes only idle processes, which the benchmark measured at 4 to 19 % more worker
+            time on short jobs.
         upcoming: scheduled and retry jobs of the pool that come due within the next UPCOMING_WINDOW seconds
-            (a ZCOUNT on the sorted sets); None when unknown.
+            (a ZCOUNT on the sorted sets); None when unknown, and then the pool cannot grow before a batch of
+            scheduled jobs comes due.
     """
 
     backlog: int
@@ -576,7 +580,7 @@ def _rate_spread(rates: Sequence[float]) -> float:
     """
     estimates = [0.0]
     for lag in (1, 2):
-        differences = [abs(later - earlier) for later, earlier in zip(rates, rates[lag:], strict=False)]
+        differences = [abs(rates[index] - rates[index + lag]) for index in range(len(rates) - lag)]
         if len(differences) >= 2:
             estimates.append(1.4826 * statistics.median(differences) / math.sqrt(2.0))
     return max(estimates)
@@ -585,9 +589,9 @@ def _rate_spread(rates: Sequence[float]) -> float:
 def _recent_level(intervals: Sequence[tuple[float, float]], spread: float) -> list[tuple[float, float]]:
     """Return the newest intervals that share one level of arrival rate, newest first.
 
-    Walking back from the newest interval, an older one joins while its rate is within LEVEL_SHIFT_SPREADS of the
-    mean of those joined so far. The yardstick is the window's spread together with the Poisson noise of the two
-    rates compared, so that few jobs per interval do not look like a shift.
+    Walking back from the newest interval, an older one joins while its rate differs from the mean of those joined
+    so far by at most LEVEL_SHIFT_SPREADS times a yardstick. The yardstick is the window's spread together with the
+    Poisson noise of the two rates compared, so that intervals with few jobs do not look like a shift.
     """
     joined = [intervals[0]]
     arrived_sum, elapsed_sum = intervals[0]
@@ -617,9 +621,9 @@ def _fit_rate(joined: Sequence[tuple[float, float]]) -> tuple[float, float]:
     for arrived, elapsed in joined:
         points.append((-(end + elapsed / 2.0), arrived / elapsed, elapsed))
         end += elapsed
-    spread_around_mean = sum(weight * (rate - mean) ** 2 for _, rate, weight in points) / elapsed_sum
+    variance_around_mean = sum(weight * (rate - mean) ** 2 for _, rate, weight in points) / elapsed_sum
     if len(points) <= 3:
-        return mean, spread_around_mean
+        return mean, variance_around_mean
     center = sum(at * weight for at, _, weight in points) / elapsed_sum
     sxx = sum(weight * (at - center) ** 2 for at, _, weight in points)
     slope = sum(weight * (at - center) * (rate - mean) for at, rate, weight in points) / sxx
@@ -627,7 +631,7 @@ def _fit_rate(joined: Sequence[tuple[float, float]]) -> tuple[float, float]:
     # Standard error of a weighted slope, with the weights scaled so that they sum to the number of intervals.
     slope_error = math.sqrt(residual * elapsed_sum / (len(points) - 2) / sxx)
     if abs(slope) <= TREND_SIGNIFICANCE * slope_error:
-        return mean, spread_around_mean
+        return mean, variance_around_mean
     return max(0.0, mean - slope * center), residual
 
 
@@ -690,7 +694,7 @@ def _queue_growth_rate(signals: PoolSignals, service_time: float) -> float:
     The queue began to build when its oldest job arrived, and with every thread busy since, jobs have arrived
     faster than the threads start them by backlog / latency per second. When a run saw only the first seconds of a
     burst, this measures the new level far better than the mean rate of its interval. A queue younger than
-    QUEUE_GROWTH_MIN_AGE seconds holds too few jobs to measure a rate.
+    QUEUE_GROWTH_MIN_AGE seconds contains too few jobs to measure a rate.
     """
     if signals.latency < QUEUE_GROWTH_MIN_AGE or not 0 < signals.capacity <= signals.busy:
         return 0.0
@@ -727,7 +731,7 @@ def estimate_demand(signals: PoolSignals, settings: PolicySettings, state: Polic
         backlog_threads = 0.0
         if waiting and late and urgent:
             # The pool then needs the arrival load plus the threads that start the waiting jobs within the drain
-            # time, one thread per job when jobs run longer than that. The headroom that the Erlang C sizing holds
+            # time, one thread per job when jobs run longer than that. The headroom that the Erlang C sizing adds
             # above the load drains the backlog too, so only the rest is added.
             drain_threads = waiting * min(1.0, service_time / drain_time(settings))
             backlog_threads = max(0.0, load + drain_threads - arrival_threads)

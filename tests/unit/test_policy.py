@@ -485,7 +485,7 @@ def test_queue_growth_measures_burst_start() -> None:
 
 def test_queue_growth_needs_level_shift() -> None:
     # The same saturated pool and queue after a steady rate: no level shift, so the queue's age is ordinary
-    # queueing and says nothing new about the rate.
+    # queueing and does not change the measured rate.
     arrival = measured_arrival([9.0] * 21, history_backlog=400, backlog=400, latency=10.0, capacity=10, processes=1)
     assert arrival == pytest.approx(9.0)
 
@@ -669,7 +669,7 @@ def with_peak(state: PolicyState, at: float, threads: float) -> PolicyState:
 
 @pytest.mark.parametrize(("window", "expected"), [(300, 9), (120, 1)])
 def test_stabilization_window_bounds_scale_in(window: float, expected: int) -> None:
-    # 80 threads were needed 210 s ago. Inside a 300 s window that keeps ceil(80 * 1.05 / 10) = 9 processes.
+    # 80 threads were needed 210 s ago. Inside a 300 s window that keeps ceil(80 * 1.02 / 10) = 9 processes.
     state = with_peak(warmed_state(rate=1.0, service=2.0, busy=2, runs=10), at=START - 210, threads=80.0)
     decision = decide(
         signals(busy=2, processes=12, capacity=120, requested=12, idle_processes=11, throughput=1.0),

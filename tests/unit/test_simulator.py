@@ -227,7 +227,7 @@ def test_scheduled_jobs_move_on_poll() -> None:
 
 
 def test_observation_separates_queue_latency() -> None:
-    # A pool of zero processes never moves the due scheduled job, so only `latency` sees its age.
+    # A pool of zero processes never moves the due scheduled job, so only `latency` includes its age.
     trace = make_trace([(10.0, 1.0, True), (12.0, 1.0, False)], 100.0)
     simulation = Simulation(trace, Fixed(0), PoolConfig(min_processes=0, initial_processes=0))
     simulation.run()
@@ -262,7 +262,7 @@ def test_keda_hpa_steps() -> None:
 
 
 def test_keda_hpa_reads_list_at_every_sync() -> None:
-    # KEDA's useCachedMetrics is false by default, so each HPA sync sees the list length of that moment.
+    # KEDA's useCachedMetrics is false by default, so each HPA sync reads the list length of that moment.
     keda = KedaHpa(PoolConfig(min_processes=1, max_processes=30))
     assert keda.desired(observation(15.0, queued=10, requested=2)) == 2
     assert keda.desired(observation(30.0, queued=40, requested=2)) == 6
@@ -279,7 +279,7 @@ def test_keda_hpa_scale_down_waits_for_window() -> None:
     # 50 jobs for 10 pods is exactly the target: the recommendation is 10 at 15 s.
     assert keda.desired(observation(15.0, queued=50, requested=10)) == 10
     # From 30 s the empty list recommends the minimum, but the highest recommendation of the last 300 s (10, made
-    # at 15 s) holds until it leaves the window at 315 s.
+    # at 15 s) keeps the count until it leaves the window at 315 s.
     for now in range(30, 315, 15):
         assert keda.desired(observation(float(now), queued=0, requested=10)) == 10
     assert keda.desired(observation(315.0, queued=0, requested=10)) == 1
