@@ -614,18 +614,18 @@ def _fit_rate(joined: Sequence[tuple[float, float]]) -> tuple[float, float]:
     rate at the end of the newest interval when its slope is TREND_SIGNIFICANCE standard errors from zero or more.
     Otherwise the mean rate is returned. Three intervals or fewer always give the mean.
     """
-    elapsed_sum = sum(elapsed for _, elapsed in joined)
-    mean = sum(arrived for arrived, _ in joined) / elapsed_sum
+    elapsed_sum = sum(elapsed for _arrived, elapsed in joined)
+    mean = sum(arrived for arrived, _elapsed in joined) / elapsed_sum
     points: list[tuple[float, float, float]] = []
     end = 0.0
     for arrived, elapsed in joined:
         points.append((-(end + elapsed / 2.0), arrived / elapsed, elapsed))
         end += elapsed
-    variance_around_mean = sum(weight * (rate - mean) ** 2 for _, rate, weight in points) / elapsed_sum
+    variance_around_mean = sum(weight * (rate - mean) ** 2 for _at, rate, weight in points) / elapsed_sum
     if len(points) <= 3:
         return mean, variance_around_mean
-    center = sum(at * weight for at, _, weight in points) / elapsed_sum
-    sxx = sum(weight * (at - center) ** 2 for at, _, weight in points)
+    center = sum(at * weight for at, _rate, weight in points) / elapsed_sum
+    sxx = sum(weight * (at - center) ** 2 for at, _rate, weight in points)
     slope = sum(weight * (at - center) * (rate - mean) for at, rate, weight in points) / sxx
     residual = sum(weight * (rate - mean - slope * (at - center)) ** 2 for at, rate, weight in points) / elapsed_sum
     # Standard error of a weighted slope, with the weights scaled so that they sum to the number of intervals.
@@ -654,8 +654,8 @@ def _measure_arrival(signals: PoolSignals, state: PolicyState, throughput: float
     level, variance = _fit_rate(joined)
     if len(joined) < 3:
         return level, rising
-    elapsed_sum = sum(elapsed for _, elapsed in joined)
-    mean = sum(arrived for arrived, _ in joined) / elapsed_sum
+    elapsed_sum = sum(elapsed for _arrived, elapsed in joined)
+    mean = sum(arrived for arrived, _elapsed in joined) / elapsed_sum
     poisson_variance = mean * len(joined) / elapsed_sum
     swings = max(0.0, variance - POISSON_ALLOWANCE * poisson_variance)
     return level + RATE_SPREADS * math.sqrt(swings), rising

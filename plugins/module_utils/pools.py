@@ -58,7 +58,7 @@ def queue_entries(pool: Mapping[str, Any]) -> list[tuple[str, int | None]]:
 
 def queue_names(pool: Mapping[str, Any]) -> list[str]:
     """Return the names of the queues a pool serves, in the order given."""
-    return [name for name, _ in queue_entries(pool)]
+    return [name for name, _weight in queue_entries(pool)]
 
 
 def processes(pool: Mapping[str, Any]) -> tuple[int, int]:
@@ -89,7 +89,7 @@ def redis_clients(pools: Iterable[Mapping[str, Any]], sidekiq_major: int = 6) ->
     """Return the Redis connections all pools need at their maximum size."""
     total = 0
     for pool in pools:
-        _, maximum = processes(pool)
+        _minimum, maximum = processes(pool)
         concurrency = int(pool.get("concurrency", DEFAULT_CONCURRENCY))
         total += maximum * redis_connections_per_process(concurrency, sidekiq_major)
     return total
@@ -329,7 +329,7 @@ def instance_plan(
     """Plan every pool's instances on one host: its share of processes.min, never fewer than are running."""
     plan = {}
     for pool in pools:
-        minimum, _ = processes(pool)
+        minimum, _maximum = processes(pool)
         share = instance_counts(minimum, hosts).get(host, 0)
         plan[str(pool["name"])] = target_instances(str(pool["name"]), services, share)
     return plan

@@ -274,14 +274,14 @@ class ClientApi:
     """KubernetesApi over kubernetes.client, translating its exceptions into KubernetesError subclasses."""
 
     def __init__(self, api_client: Any, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
-        client, _ = _import_kubernetes()
+        client, _config = _import_kubernetes()
         self._apps = client.AppsV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
         self._timeout = request_timeout
 
     @classmethod
     def from_settings(cls, settings: KubernetesSettings) -> ClientApi:
-        client, _ = _import_kubernetes()
+        client, _config = _import_kubernetes()
         return cls(client.ApiClient(build_configuration(settings)), settings.request_timeout)
 
     def read_scale(self, namespace: str, name: str) -> ScaleReading:
@@ -320,7 +320,7 @@ class ClientApi:
         )  # fmt: skip
 
     def _call(self, verb: str, target: str, request: Callable[[], Any]) -> Any:
-        client, _ = _import_kubernetes()
+        client, _config = _import_kubernetes()
         try:
             return request()
         except client.exceptions.ApiException as error:

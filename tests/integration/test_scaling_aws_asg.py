@@ -16,7 +16,6 @@ import botocore.endpoint
 import pytest
 import redis
 from botocore.awsrequest import AWSResponse
-from sidekiq_fixtures import RedisServer, ruby_enqueue, running_redis, wait_for  # type: ignore[import-not-found]
 from scaling_aws_support import (  # type: ignore[import-not-found]
     LabelledWorker,
     MotoServer,
@@ -29,6 +28,7 @@ from scaling_aws_support import (  # type: ignore[import-not-found]
     running_moto,
     synthetic_process,
 )
+from sidekiq_fixtures import RedisServer, ruby_enqueue, running_redis, wait_for  # type: ignore[import-not-found]
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.policy import (
     HOLD,

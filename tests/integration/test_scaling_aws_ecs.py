@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import redis
-from sidekiq_fixtures import RedisServer, ruby_enqueue, running_redis, wait_for  # type: ignore[import-not-found]
 from scaling_aws_support import (  # type: ignore[import-not-found]
     EcsScheduler,
     EcsService,
@@ -28,6 +27,7 @@ from scaling_aws_support import (  # type: ignore[import-not-found]
     synthetic_process,
     task_protection_in_moto,
 )
+from sidekiq_fixtures import RedisServer, ruby_enqueue, running_redis, wait_for  # type: ignore[import-not-found]
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.policy import (
     HOLD,
