@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the local test hosts: install what is needed, create the hosts (one Redis host, two worker
-# hosts, podman containers with systemd), deploy Redis and the worker pools with playbooks/site.yml, then
-# enqueue demo jobs and show the fleet processing them until every job has run.
+# hosts), deploy Redis and the worker pools with playbooks/site.yml, enqueue demo jobs and show the fleet
+# processing them until every job has run, then show scheduled autoscaling runs scale the busy pool out and in.
 #
 #   scripts/demo.sh            deploy and run 1,000 jobs
 #   DEMO_JOBS=5000 scripts/demo.sh
@@ -39,6 +39,9 @@ python scripts/local_fleet.py wait "$jids_file" --timeout 600
 
 step "Processes as Sidekiq reports them in Redis"
 python scripts/local_fleet.py status
+
+step "Autoscaling: a burst of slow jobs, with playbooks/autoscale.yml run on a schedule"
+scripts/demo_autoscale.sh inventories/local
 
 cat <<DONE
 
