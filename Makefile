@@ -11,7 +11,7 @@ export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/.collections
 export ANSIBLE_NOCOLOR := 1
 export ANSIBLE_FORCE_COLOR := 0
 
-MOLECULE_SCENARIOS := redis fleet
+MOLECULE_SCENARIOS := redis fleet autoscaler
 SANITY_ROOT := $(CURDIR)/.cache/sanity/ansible_collections/sidekiq_ops/fleet
 # The pip release ansible-test bootstraps into its sanity environments (ansible-core 2.19: 24.2).
 ANSIBLE_TEST_PIP := $(shell $(BIN)/python -c "import re, ansible_test, pathlib; \

@@ -2,8 +2,8 @@
 
 The playbook's acting play registers one loop result per host for the starts and one for the stops. This module
 matches every unit the plan named to its item in those results. A pool's action counts as done only when every
-one of its units was started or stopped; only then does its action and the decision time go into the pool's
-policy state, so cooldowns follow what really happened. The write and the lock release are one Lua call that
+one of its units was started or stopped. Only then do the action and its decision time go into the pool's policy
+state, so cooldowns follow what really happened. The write and the lock release are one Lua call that
 runs only while the plan's lock is still held.
 """
 

@@ -80,12 +80,12 @@ BLOCKED = "blocked"
 
 
 class AutoscaleError(Exception):
-    """The run cannot go on; the message says why and what to do."""
+    """The run cannot go on; the message gives the reason and the next step."""
 
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What one run decides about, validated by the caller.
+    """The input of one run, validated by the caller.
 
     Attributes:
         pools: every pool of the fleet, as in group_vars.
@@ -108,7 +108,7 @@ class PlanRequest:
 
 @dataclass
 class PoolOutcome:
-    """What the run decided and planned for one pool.
+    """The decision and plan of one pool in one run.
 
     Attributes:
         status: ACT (units to start or stop), UNCHANGED, or BLOCKED (not decided, see reason).

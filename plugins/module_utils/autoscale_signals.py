@@ -134,8 +134,8 @@ def blocked_reason(
     """Return why a pool must not be scaled this run, or None.
 
     A pool is not scaled when a worker host could not be read and some of the pool's live processes run on a
-    host that was not read: its running count is then unknown, and a unit there can neither be chosen nor
-    stopped. A pool without processes on the unread hosts is scaled on the hosts that were read.
+    host that was not read. Its running count is then unknown, and a unit there can be neither chosen nor stopped.
+    A pool without processes on the unread hosts is scaled on the hosts that were read.
     """
     unread = [reading for reading in readings if not reading.reachable]
     if not unread:

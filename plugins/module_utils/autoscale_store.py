@@ -39,9 +39,9 @@ EXTEND_LUA = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-local wanted = tonumber(ARGV[2])
-if redis.call('PTTL', KEYS[1]) < wanted then
-  redis.call('PEXPIRE', KEYS[1], wanted)
+local minimum = tonumber(ARGV[2])
+if redis.call('PTTL', KEYS[1]) < minimum then
+  redis.call('PEXPIRE', KEYS[1], minimum)
 end
 return 1
 """
@@ -93,7 +93,7 @@ class FleetKeys:
 
 @dataclass(frozen=True)
 class LockHolder:
-    """Who holds a lock that this run could not take, and for how much longer."""
+    """The holder of a lock that this run could not take, and the time left until the lock expires."""
 
     value: str
     expires_in: float | None

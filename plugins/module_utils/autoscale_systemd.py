@@ -27,7 +27,8 @@ READ_COMMAND = "uname -n && systemctl show --no-pager --property=Id,ActiveState,
 COUNTED_STATES = frozenset({"active", "activating", "reloading"})
 # States in which a unit number is free to start again.
 FREE_STATES = frozenset({"inactive", "failed"})
-# Longest error text kept from a registered result: an unreachable host's message repeats a whole shell command.
+# Maximum length of the error text kept from a registered result, because an unreachable host's message repeats a
+# whole shell command.
 MAX_ERROR_LENGTH = 300
 
 
@@ -54,7 +55,7 @@ class UnitReading:
 
 @dataclass(frozen=True)
 class HostReading:
-    """What the playbook's first play read on one worker host.
+    """The reading of one worker host by the playbook's first play.
 
     Attributes:
         host: the inventory name, which the playbook's later plays act on.
@@ -141,7 +142,7 @@ def _shorten(text: str) -> str:
 
 
 def _registered_error(registered: Mapping[str, Any]) -> str | None:
-    """Return why a registered command result holds no reading, or None when it holds one."""
+    """Return why a registered command result contains no reading, or None when it contains one."""
     message = str(registered.get("msg") or "").strip()
     if registered.get("unreachable"):
         return _shorten(f"unreachable: {message}" if message else "unreachable")
@@ -264,17 +265,17 @@ def plan_starts(
     for instance in instances:
         if instance.host in running:
             running[instance.host] += 1
-    taken = {host: set(numbers) for host, numbers in occupied.items()}
+    used_numbers = {host: set(numbers) for host, numbers in occupied.items()}
     order = list(occupied)
     starts: list[UnitAction] = []
-    for _ in range(count):
+    for _placed in range(count):
         if not order:
             break
         host = min(order, key=lambda name: (running[name], order.index(name)))
         number = 1
-        while number in taken[host]:
+        while number in used_numbers[host]:
             number += 1
-        taken[host].add(number)
+        used_numbers[host].add(number)
         running[host] += 1
         starts.append(UnitAction(host=host, pool=pool, number=number))
     return starts
@@ -307,7 +308,7 @@ def plan_stops(pool: str, instances: Sequence[Instance], count: int, hosts: Sequ
         remaining[instance.host] = remaining.get(instance.host, 0) + 1
     candidates = list(instances)
     stops: list[UnitAction] = []
-    for _ in range(min(count, len(candidates))):
+    for _stopped in range(min(count, len(candidates))):
         chosen = min(candidates, key=lambda instance: _stop_order(instance, remaining, hosts))
         candidates.remove(chosen)
         remaining[chosen.host] -= 1

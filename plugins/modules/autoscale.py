@@ -87,7 +87,7 @@ options:
   shutdown_margin:
     description:
       - Seconds the stop budget adds to a pool's C(timeout); use the sidekiq role's C(sidekiq_shutdown_margin).
-      - The lock's expiry covers the longest stop: the wait for idle (C(timeout)) plus the stop budget.
+      - The lock's expiry covers the longest stop, which is the wait for idle (C(timeout)) plus the stop budget.
     type: int
     default: 10
   start_timeout:
@@ -102,7 +102,7 @@ notes:
   - The Redis user needs the commands of M(sidekiq_ops.fleet.queue_info) plus C(SET), C(DEL), C(PEXPIRE),
     C(PTTL), C(HGETALL), C(HSET) and C(EXPIRE) on the keys C(sidekiq-ops:autoscale:*).
 author:
-  - sidekiq-ops contributors
+  - sidekiq-ops maintainers (@sidekiq-ops)
 """
 
 EXAMPLES = r"""

@@ -49,7 +49,7 @@ options:
 notes:
   - Use the same Redis connection options and O(redis_namespace) as for M(sidekiq_ops.fleet.autoscale).
 author:
-  - sidekiq-ops contributors
+  - sidekiq-ops maintainers (@sidekiq-ops)
 """
 
 EXAMPLES = r"""

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.hosts
 PREFIX = "as4"
 REDIS_HOST = f"{PREFIX}-redis"
 WORKERS = (f"{PREFIX}-worker1", f"{PREFIX}-worker2")
-SCALE_IN_COOLDOWN = 30
+SCALE_IN_COOLDOWN = 40
 POOLS: list[dict[str, Any]] = [
     {"name": "critical", "queues": ["critical"], "concurrency": 2, "timeout": 5, "processes": {"min": 2, "max": 2}},
     {
@@ -286,6 +286,16 @@ def test_two_runs_at_once_only_one_acts(fleet: Fleet) -> None:
     jids = local_fleet.enqueue(fleet.url, fast=0, slow=200, slow_seconds=2)
     time.sleep(4)
 
+    # A check run first: it decides the same scale-out but starts nothing, takes no lock and stores no state.
+    state_before = fleet.client.hgetall("sidekiq-ops:autoscale:demo:state")
+    checked = autoscale(fleet, "--check", "--diff")
+    assert checked.plan["pools"]["bulk"]["action"] == "scale_out", checked.plan["pools"]["bulk"]["reason"]
+    assert checked.plan["lock"]["value"] is None
+    assert f"bulk: {before} processes" in checked.plan["diff"]["before"]
+    assert f"bulk: {checked.plan['pools']['bulk']['target']} processes" in checked.plan["diff"]["after"]
+    assert sum(len(names) for names in running_units("bulk").values()) == before
+    assert fleet.client.hgetall("sidekiq-ops:autoscale:demo:state") == state_before
+
     json_env = {**ENV, "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json"}
     processes = [
         subprocess.Popen(command(fleet), cwd=ROOT, env=json_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -326,9 +336,9 @@ def test_slow_jobs_survive_scale_in(fleet: Fleet) -> None:
     running = sum(len(names) for names in running_units("bulk").values())
     assert running >= 4
 
-    # Lowering processes.max to 2 makes every run scale in, as far as the busy floor allows: while all threads run
-    # slow jobs nothing stops, and as the slow jobs thin out, the least busy processes are quieted, drained and
-    # stopped while the other processes still run slow jobs.
+    # Lowering processes.max to 2 makes every run scale in as far as the busy floor allows. While all threads run
+    # slow jobs nothing stops. As the slow jobs thin out, the least busy processes are quieted, drained and stopped
+    # while the other processes still run slow jobs.
     pools = [dict(pool, processes={"min": 1, "max": 2}) if pool["name"] == "bulk" else pool for pool in POOLS]
     extra_vars = fleet.directory / "bulk-max-2.yml"
     extra_vars.write_text(yaml.safe_dump({"sidekiq_pools": pools}))

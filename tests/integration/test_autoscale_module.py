@@ -1,8 +1,8 @@
 """sidekiq_ops.fleet.autoscale and autoscale_commit run by ansible-playbook against a real redis-server and Sidekiq.
 
-The worker hosts are stood in for by unit readings written the way the playbook registers them, naming real
-Sidekiq 6.4.1 processes started here: their hostname is this machine's and their MainPID is the Sidekiq PID,
-so the module matches units to processes exactly as on a host.
+Unit readings written the way the playbook registers them take the place of the worker hosts. They name real
+Sidekiq 6.4.1 processes started here, with this machine's hostname and the Sidekiq PID as MainPID, so the module
+matches units to processes exactly as on a host.
 """
 
 from __future__ import annotations
@@ -270,8 +270,8 @@ def test_scale_in_stops_the_idle_process(
 
 
 def test_unread_host_blocks_only_its_pools(tmp_path: Path, redis_server: RedisServer, busy_fleet: dict) -> None:
-    # The Sidekiq processes run on this machine, which stands in for the unreachable w2 here: the only host that
-    # was read, w1, has another node name and no units.
+    # The Sidekiq processes run on this machine, which plays the unreachable w2 here. The only host that was read,
+    # w1, has another node name and no units.
     instances = {
         "w1": {"changed": False, "rc": 0, "stdout": "w1-node\n", "stderr": ""},
         "w2": {"unreachable": True, "msg": "Failed to connect to the host via ssh: timed out", "changed": False},

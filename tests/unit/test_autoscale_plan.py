@@ -116,7 +116,7 @@ def test_fixed_pool_holds() -> None:
     assert "fixed size of 2" in outcome.reason
 
 
-def test_idle_pool_above_minimum_scales_in_to_idle_units() -> None:
+def test_idle_pool_scales_in() -> None:
     outcome = decide(BULK, {"w1": 3, "w2": 2}, backlog=0, latency=0.0, busy=0, stored=PolicyState())
 
     assert outcome.action == SCALE_IN
@@ -196,7 +196,7 @@ def test_lock_expiry_covers_the_longest_stop() -> None:
     assert run.initial_lock_ttl(pools, margin=10) == 25 + 35 + run.LOCK_MARGIN
 
 
-def test_lock_expiry_covers_the_stops_of_the_busiest_host() -> None:
+def test_lock_expiry_covers_busiest_host() -> None:
     scale_in = decide(BULK, {"w1": 3, "w2": 2}, backlog=0, latency=0.0, busy=0, stored=PolicyState())
 
     ttl = run.planned_lock_ttl([scale_in], {"bulk": BULK}, margin=10, start_timeout=90)

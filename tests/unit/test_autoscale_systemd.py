@@ -269,7 +269,7 @@ def test_stops_keep_hosts_balanced_among_idle() -> None:
     assert [(stop.host, stop.number) for stop in stops] == [("w1", 3), ("w1", 2), ("w2", 2)]
 
 
-def test_stops_leave_unmatched_units_last_and_booting_units_first() -> None:
+def test_stops_order_unmatched_and_booting() -> None:
     instances = [
         instance("w1", 1, busy=None),
         instance("w1", 2, busy=1),
