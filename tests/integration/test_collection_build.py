@@ -31,7 +31,16 @@ def test_build_installs_and_documents_modules(tmp_path: Path) -> None:
     assert leaked == []
 
     installed = tmp_path / "collections"
-    run(str(BIN / "ansible-galaxy"), "collection", "install", "--force", "-p", str(installed), str(tarball), cwd=tmp_path)
+    run(
+        str(BIN / "ansible-galaxy"),
+        "collection",
+        "install",
+        "--force",
+        "-p",
+        str(installed),
+        str(tarball),
+        cwd=tmp_path,
+    )
     # Run outside the checkout with its ansible.cfg out of the way, so only the installed copy can be found.
     env = {key: value for key, value in os.environ.items() if not key.startswith("ANSIBLE_")}
     env["ANSIBLE_COLLECTIONS_PATH"] = str(installed)
