@@ -19,7 +19,19 @@ def run(*command: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 
 
 def test_build_installs_and_documents_modules(tmp_path: Path) -> None:
-    run(str(BIN / "ansible-galaxy"), "collection", "build", "--output-path", str(tmp_path), str(ROOT), cwd=tmp_path)
+    # Run outside the checkout with its ansible.cfg and its .collections link out of the way, so only the
+    # installed copy can be found.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ANSIBLE_")}
+    run(
+        str(BIN / "ansible-galaxy"),
+        "collection",
+        "build",
+        "--output-path",
+        str(tmp_path),
+        str(ROOT),
+        cwd=tmp_path,
+        env=env,
+    )
     tarball = next(tmp_path.glob("sidekiq_ops-fleet-*.tar.gz"))
     with tarfile.open(tarball) as archive:
         names = archive.getnames()
@@ -41,8 +53,6 @@ def test_build_installs_and_documents_modules(tmp_path: Path) -> None:
         str(tarball),
         cwd=tmp_path,
     )
-    # Run outside the checkout with its ansible.cfg out of the way, so only the installed copy can be found.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ANSIBLE_")}
     env["ANSIBLE_COLLECTIONS_PATH"] = str(installed)
     listing = run(str(BIN / "ansible-doc"), "-l", "sidekiq_ops.fleet", cwd=tmp_path, env=env)
     assert "sidekiq_ops.fleet.queue_info" in listing
