@@ -229,8 +229,12 @@ def test_burst_scales_out_then_in_after_cooldown(fleet: Fleet) -> None:
 
     waited = current.plan["now"] - scale_out.plan["now"]
     assert waited >= SCALE_IN_COOLDOWN
+    # Runs inside the cooldown must hold for the cooldown or for the stabilization window, whichever the policy
+    # names first. On a loaded machine the first run after the drain can already fall after the cooldown.
+    inside_cooldown = [run for run in holds if run.plan["now"] - scale_out.plan["now"] < SCALE_IN_COOLDOWN]
+    reasons = [run.plan["pools"]["bulk"]["reason"] for run in inside_cooldown]
+    assert all("scale-in cooldown" in reason or "demand of the last" in reason for reason in reasons), reasons
     cooldown_holds = [run for run in holds if "scale-in cooldown" in run.plan["pools"]["bulk"]["reason"]]
-    assert cooldown_holds, [run.plan["pools"]["bulk"]["reason"] for run in holds]
     assert all(run.plan["now"] - scale_out.plan["now"] < SCALE_IN_COOLDOWN for run in cooldown_holds)
     assert current.outcome is not None
     assert current.outcome["pools"]["bulk"]["status"] == "succeeded", current.outcome
