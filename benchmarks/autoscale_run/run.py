@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/autoscale_run/run.py [--pools 1,5,20] [--repeats 9] [--prefix as4]
 
 Creates podman test hosts (<prefix>-redis, <prefix>-worker1, <prefix>-worker2, through scripts/testhosts.sh; it
-replaces hosts of the same prefix, so never run it while tests/e2e/test_autoscale_systemd.py runs) and deploys
+replaces hosts of the same prefix, so never run it while tests/e2e/test_autoscale_on_hosts.py runs) and deploys
 playbooks/site.yml with 1 pool, then 5, then 20 (pool p01 to pNN, one process each, idle). For each size it times
 whole runs of `ansible-playbook playbooks/autoscale.yml` and of two floors on the same inventory, in alternating
 order after warm-up runs:
