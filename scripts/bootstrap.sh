@@ -32,8 +32,8 @@ install_debian_packages() {
   fi
   log "installing Debian packages: ${missing[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-  # --no-install-recommends keeps redis-server from pulling extra services; the test Redis is started by
-  # the tests themselves, so stop the distribution's own instance if the package just started it.
+  # --no-install-recommends keeps redis-server from pulling in extra services. The tests start their own
+  # redis-server on free loopback ports, so a distribution instance on 6379 does not get in their way.
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 

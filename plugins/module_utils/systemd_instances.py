@@ -6,7 +6,7 @@ pushes any job still running back to its queue before it exits, well within Time
 
 Busy threads are read from the process hash that Sidekiq keeps in Redis (field `busy`, refreshed on every
 heartbeat). When Redis cannot be reached, the wait for idle is skipped and the stop relies on Sidekiq's own TERM
-handling alone; the result says so.
+handling alone; the result reports it in its messages.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class InstanceError(RuntimeError):
 
 @dataclass
 class UnitState:
-    """What systemd reports for one unit."""
+    """State of one unit as systemd reports it."""
 
     active_state: str
     sub_state: str
@@ -42,7 +42,7 @@ class UnitState:
 
 @dataclass
 class DrainResult:
-    """What happened while quieting one instance."""
+    """Outcome of quieting one instance: its identity, busy threads and the time spent waiting."""
 
     identity: str | None = None
     busy_before: int | None = None
