@@ -39,6 +39,7 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.policy import (
 )
 
 from .simulator import Observation, PoolConfig
+from .traces import BURST_STARTS
 
 
 def _clamp(value: int, config: PoolConfig) -> int:
@@ -279,5 +280,32 @@ class ReactiveBound:
         if observation.backlog > self.trigger:
             self.until = observation.now + self.hold
         if observation.now < self.until:
+            return self.config.max_processes
+        return _clamp(self.base, self.config)
+
+
+@dataclass
+class InstantBound:
+    """A bound for any autoscaler that does not know of a burst before it starts.
+
+    It keeps `base` processes outside bursts and requests the maximum in the very second a burst of the `bursts`
+    trace starts, which it reads from the trace (BURST_STARTS), holding it for `hold` seconds. No autoscaler that
+    learns of a burst from the pool's queue can react sooner, because the queue first has to grow. Its processes
+    still boot for the full boot delay, so the jobs of each burst's first seconds wait for them. It is a yardstick,
+    not an autoscaler, and runs only on `bursts`.
+    """
+
+    config: PoolConfig
+    base: int = 2
+    hold: float = 330.0
+    interval: float = 1.0
+    starts: tuple[float, ...] = BURST_STARTS
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"instant bound (base {self.base})"
+
+    def desired(self, observation: Observation) -> int:
+        if any(start <= observation.now < start + self.hold for start in self.starts):
             return self.config.max_processes
         return _clamp(self.base, self.config)

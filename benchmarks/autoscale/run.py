@@ -30,7 +30,7 @@ for entry in (ROOT / ".collections", ROOT):
         sys.path.insert(0, str(entry))
 
 from benchmarks.autoscale import traces
-from benchmarks.autoscale.controllers import HireFire, Judoscale, KedaHpa, OurPolicy, ReactiveBound
+from benchmarks.autoscale.controllers import HireFire, InstantBound, Judoscale, KedaHpa, OurPolicy, ReactiveBound
 from benchmarks.autoscale.simulator import Controller, PoolConfig, SimulationResult, simulate
 from benchmarks.autoscale.targets import (
     BOUND,
@@ -38,6 +38,7 @@ from benchmarks.autoscale.targets import (
     HIREFIRE_QUEUE,
     JUDOSCALE,
     KEDA,
+    KEDA_SWEEP,
     OURS,
     OURS_INTERRUPTING,
     OURS_PARTIAL,
@@ -60,6 +61,10 @@ HIREFIRE_FLOOR_LATENCIES = (2.0,)
 FLOORS = (2, 3, 4, 5, 6, 8)
 # Process counts that the reactive bound keeps outside bursts; see ReactiveBound.
 BOUND_BASES = (2, 3, 4, 5, 6, 8)
+# listLength values of the KEDA/HPA rows that run for information on bursts, besides the default of 5.
+KEDA_LIST_LENGTHS = (10.0, 20.0, 40.0)
+# Process counts that the instant bound keeps outside bursts; see InstantBound.
+INSTANT_BOUND_BASES = (2, 3, 4, 5)
 # Rows drawn in the plots besides ours: the default settings of each baseline.
 PLOTTED = (
     "KEDA/HPA (listLength 5)",
@@ -97,6 +102,14 @@ def reactive_bound(base: int) -> Callable[[PoolConfig], Controller]:
     return lambda config: ReactiveBound(config, base=base)
 
 
+def keda(list_length: float) -> Callable[[PoolConfig], Controller]:
+    return lambda config: KedaHpa(config, list_length=list_length)
+
+
+def instant_bound(base: int) -> Callable[[PoolConfig], Controller]:
+    return lambda config: InstantBound(config, base=base)
+
+
 def hirefire_latency(threshold: float) -> Callable[[PoolConfig], Controller]:
     return lambda config: HireFire(config, strategy="latency", maximum_latency=threshold, minimum_latency=threshold / 5)
 
@@ -127,7 +140,9 @@ def entries() -> list[Entry]:
         for threshold in HIREFIRE_FLOOR_LATENCIES
         for floor in FLOORS
     ]
+    rows += [Entry(KEDA_SWEEP, keda(length), only=("bursts",)) for length in KEDA_LIST_LENGTHS]
     rows += [Entry(BOUND, reactive_bound(base), only=("bursts",)) for base in BOUND_BASES]
+    rows += [Entry(BOUND, instant_bound(base), only=("bursts",)) for base in INSTANT_BOUND_BASES]
     return rows
 
 
@@ -182,8 +197,8 @@ def rows_markdown(results: dict[str, list[dict[str, Any]]], families: Sequence[s
 def markdown(results: dict[str, list[dict[str, Any]]], descriptions: dict[str, str]) -> str:
     """Render the target checks, the rows of ours, its variants, KEDA/HPA and the bound, then every row."""
     lines = ["## Target checks", "", checks_markdown(results)]
-    lines += ["", "## Ours, its variants, KEDA/HPA and the reactive bound", ""]
-    lines += [rows_markdown(results, (OURS, *VARIANTS, KEDA, BOUND))]
+    lines += ["", "## Ours, its variants, KEDA/HPA and the bounds", ""]
+    lines += [rows_markdown(results, (OURS, *VARIANTS, KEDA, KEDA_SWEEP, BOUND))]
     for variant in VARIANTS:
         lines += ["", f"## Checks of the variant {variant}, for information", "", checks_markdown(results, variant)]
     lines += ["", "## Traces", "", "| trace | description | jobs |", "|---|---|---:|"]

@@ -36,6 +36,8 @@ JUDOSCALE = "Judoscale-style"
 HIREFIRE_QUEUE = "HireFire-style job queue"
 HIREFIRE_LATENCY = "HireFire-style latency"
 BOUND = "reactive bound"
+# KEDA/HPA with other listLength values, on bursts only and for information: target 1 compares with listLength 5.
+KEDA_SWEEP = "KEDA/HPA listLength sweep"
 # Families compared by target 2, in the order of the tables.
 FAMILIES = (JUDOSCALE, HIREFIRE_QUEUE, HIREFIRE_LATENCY)
 KEDA_WORKER_FACTOR = 0.75

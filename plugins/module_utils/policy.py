@@ -20,7 +20,8 @@ How a decision is made:
    target latency at most MAX_LATE_PROBABILITY (the Erlang C formula). When those threads would start the waiting
    jobs too late, the pool needs the arrival load plus the threads that start the waiting jobs within
    DRAIN_TIME. Jobs scheduled to come due within the next UPCOMING_WINDOW seconds count as waiting, so the pool
-   grows before a scheduled batch.
+   grows before a scheduled batch. While jobs longer than the stop timeout run, a pool whose threads are all busy
+   while jobs wait needs one more process whatever the model says (see `_saturated_by_long_jobs`).
 3. Floors. The busy threads are a floor, so a scale-in never leaves fewer threads than jobs running. A pool with
    min 0 wakes up to one process when jobs wait for it, due scheduled and retry jobs included.
 4. Scale-out happens when the demand exceeds the running threads by SCALE_OUT_MARGIN, or at once when latency
@@ -98,8 +99,12 @@ QUEUE_GROWTH_MIN_AGE = 1.0
 SERVICE_TIME_WINDOW = 600.0
 # Seconds ahead in which the reader counts scheduled and retry jobs that will come due (`PoolSignals.upcoming`).
 UPCOMING_WINDOW = 60.0
-# Seconds after a job older than the stop timeout was last seen during which scale-in removes only idle processes.
+# Seconds after a job older than the stop timeout was last seen during which scale-in removes only idle processes,
+# and a saturated pool scales out (see `_saturated_by_long_jobs`).
 LONG_JOB_MEMORY = 3600.0
+# Fraction of the target latency that the oldest waiting job must reach before a pool whose threads are all busy
+# counts as saturated. Below it, the queue is the normal wait of a busy thread pool for its next free thread.
+SATURATION_LATENCY = 0.1
 # Upper bound of the thread count search, so absurd signals cannot make a decision loop for long.
 SIZING_LIMIT = 100_000
 
@@ -445,6 +450,8 @@ class Demand:
         arrival_threads: threads that serve the arrival rate within the utilization and latency limits.
         backlog_threads: threads that start the waiting and upcoming jobs within the target latency.
         threads: the larger of their sum and the floors (busy threads, one thread to wake an empty pool).
+        saturated: whether every thread is busy while jobs wait and long jobs run (`_saturated_by_long_jobs`),
+            which adds one process to the threads.
     """
 
     throughput: float | None
@@ -453,6 +460,7 @@ class Demand:
     arrival_threads: float
     backlog_threads: float
     threads: float
+    saturated: bool = False
 
 
 @dataclass(frozen=True)
@@ -742,6 +750,9 @@ def estimate_demand(signals: PoolSignals, settings: PolicySettings, state: Polic
         backlog_threads = float(waiting)
 
     threads = max(arrival_threads + backlog_threads, 1.0 if waiting else 0.0)
+    saturated = _saturated_by_long_jobs(signals, settings, state)
+    if saturated:
+        threads = max(threads, float(signals.capacity + settings.concurrency))
     return Demand(
         throughput=throughput,
         arrival=arrival,
@@ -749,7 +760,27 @@ def estimate_demand(signals: PoolSignals, settings: PolicySettings, state: Polic
         arrival_threads=arrival_threads,
         backlog_threads=backlog_threads,
         threads=threads,
+        saturated=saturated,
     )
+
+
+def _saturated_by_long_jobs(signals: PoolSignals, settings: PolicySettings, state: PolicyState) -> bool:
+    """Return whether every thread is busy while jobs wait, at a time when jobs longer than the stop timeout run.
+
+    The Erlang C sizing assumes job durations that spread like an exponential distribution. Jobs of minutes mixed
+    with jobs of seconds spread far wider: the mean duration looks short, yet each long job holds its thread for
+    minutes. A pool whose threads are all busy then does not free a thread within seconds the way the model expects,
+    and its queue only grows. So while such jobs run (or ran within LONG_JOB_MEMORY seconds, or their age is
+    unknown), a saturated pool whose oldest waiting job has waited SATURATION_LATENCY of the target gets one more
+    process, even when the model says the threads suffice. With short jobs only, a full pool catches up by itself
+    and this rule stays out of the way.
+    """
+    if signals.capacity <= 0 or signals.busy < signals.capacity or not signals.backlog:
+        return False
+    if signals.latency < SATURATION_LATENCY * settings.target_latency:
+        return False
+    long_now = signals.longest_running is not None and signals.longest_running >= settings.stop_timeout
+    return long_now or _long_jobs_recent(signals, state)
 
 
 def processes_for(threads: float, settings: PolicySettings) -> int:
@@ -788,7 +819,12 @@ def _explain_demand(signals: PoolSignals, settings: PolicySettings, demand: Dema
             f"ask for {_processes(total)}."
         )
     needed = math.ceil(demand.threads / concurrency - 1e-9)
-    if needed > total:
+    if demand.saturated and needed > total:
+        sentences.append(
+            f"Every thread is busy and jobs wait while jobs longer than the stop timeout of "
+            f"{_format_number(settings.stop_timeout)} s run, so the pool needs one process more than it has."
+        )
+    elif needed > total:
         sentences.append("Waking the pool because jobs wait for it.")
     recommendation = processes_for(demand.threads, settings)
     if recommendation != needed:
@@ -830,7 +866,7 @@ def decide(signals: PoolSignals, settings: PolicySettings, state: PolicyState | 
         long_job_seen_at=long_job_seen_at,
     )
 
-    desired, action_sentence = _choose(signals, settings, next_state, current, demand.threads)
+    desired, action_sentence = _choose(signals, settings, next_state, current, demand)
     action = HOLD
     if desired > current:
         action = SCALE_OUT
@@ -866,7 +902,7 @@ def decide(signals: PoolSignals, settings: PolicySettings, state: PolicyState | 
 
 
 def _choose(
-    signals: PoolSignals, settings: PolicySettings, state: PolicyState, current: int, threads: float
+    signals: PoolSignals, settings: PolicySettings, state: PolicyState, current: int, demand: Demand
 ) -> tuple[int, str]:
     """Apply the fixed-size rules, the bounds, the steps, the cooldowns and the stabilization window."""
     if settings.singleton:
@@ -880,18 +916,18 @@ def _choose(
         return settings.min_processes, f"Scaling out from {current} to the minimum of {settings.min_processes}."
     if current > settings.max_processes:
         return settings.max_processes, f"Scaling in from {current} to the maximum of {settings.max_processes}."
-    if processes_for(threads, settings) > current:
-        return _scale_out(signals, settings, state, current, threads)
+    if processes_for(demand.threads, settings) > current:
+        return _scale_out(signals, settings, state, current, demand.threads, demand.saturated)
     return _scale_in(signals, settings, state, current)
 
 
 def _scale_out(
-    signals: PoolSignals, settings: PolicySettings, state: PolicyState, current: int, threads: float
+    signals: PoolSignals, settings: PolicySettings, state: PolicyState, current: int, threads: float, saturated: bool
 ) -> tuple[int, str]:
     now = signals.now
     capacity = current * settings.concurrency
     latency_low = signals.latency <= SCALE_OUT_LATENCY * settings.target_latency
-    if threads <= capacity * (1.0 + SCALE_OUT_MARGIN) and latency_low:
+    if threads <= capacity * (1.0 + SCALE_OUT_MARGIN) and latency_low and not saturated:
         return current, (
             f"Holding at {_processes(current)}: the demand of {_format_number(threads)} threads is within "
             f"{round(SCALE_OUT_MARGIN * 100)} % of the {capacity} threads running and latency is low."

@@ -813,3 +813,51 @@ def test_every_decision_has_a_reason() -> None:
         assert decision.reason.endswith(".")
         assert len(decision.reason) > 20
         assert decision.to_dict()["reason"] == decision.reason
+
+
+# A pool saturated while long jobs run.
+
+
+def saturated_signals(longest_running: float | None, latency: float = 2.0) -> PoolSignals:
+    """Every one of 30 threads busy and 4 jobs waiting, at the rate and job length the warmed state measured."""
+    return signals(
+        backlog=4,
+        latency=latency,
+        busy=30,
+        processes=3,
+        capacity=30,
+        requested=3,
+        longest_running=longest_running,
+        throughput=2.0,
+    )
+
+
+def test_saturated_pool_with_long_jobs_scales_out_by_one() -> None:
+    state = warmed_state(rate=2.0, service=10.0, busy=20, runs=20)
+    decision = decide(saturated_signals(longest_running=300.0), settings(), state)
+    assert decision.action == SCALE_OUT
+    assert decision.desired == 4
+    assert "Every thread is busy and jobs wait while jobs longer than the stop timeout of 25 s run" in decision.reason
+
+
+def test_saturated_pool_with_short_jobs_only_trusts_the_model() -> None:
+    state = warmed_state(rate=2.0, service=10.0, busy=20, runs=20)
+    decision = decide(saturated_signals(longest_running=12.0), settings(), state)
+    assert decision.action == HOLD
+    assert decision.desired == 3
+    assert "Every thread is busy" not in decision.reason
+
+
+def test_saturation_ignores_a_queue_younger_than_a_tenth_of_the_target() -> None:
+    state = warmed_state(rate=2.0, service=10.0, busy=20, runs=20)
+    decision = decide(saturated_signals(longest_running=300.0, latency=0.5), settings(), state)
+    assert decision.action == HOLD
+
+
+def test_saturation_counts_long_jobs_seen_within_the_memory() -> None:
+    state = PolicyState.from_dict(
+        {**warmed_state(rate=2.0, service=10.0, busy=20, runs=20).to_dict(), "long_job_seen_at": START - 600}
+    )
+    decision = decide(saturated_signals(longest_running=12.0), settings(), state)
+    assert decision.action == SCALE_OUT
+    assert decision.desired == 4

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import policy
 from benchmarks.autoscale import run, traces
-from benchmarks.autoscale.controllers import HireFire, Judoscale, KedaHpa, OurPolicy, ReactiveBound
+from benchmarks.autoscale.controllers import HireFire, InstantBound, Judoscale, KedaHpa, OurPolicy, ReactiveBound
 from benchmarks.autoscale.simulator import (
     Observation,
     PoolConfig,
@@ -394,6 +394,15 @@ def test_reactive_bound_jumps_to_max_and_back() -> None:
     assert bound.desired(observation(60.0, queued=51, requested=3)) == 20
     assert bound.desired(observation(120.0, queued=0, requested=20)) == 20
     assert bound.desired(observation(150.0, queued=0, requested=20)) == 3
+
+
+def test_instant_bound_asks_for_the_maximum_from_the_first_second_of_a_burst() -> None:
+    bound = InstantBound(PoolConfig(max_processes=20), base=3, hold=60.0, starts=(100.0,))
+    assert bound.interval == 1.0
+    assert bound.desired(observation(99.0, queued=500)) == 3
+    assert bound.desired(observation(100.0)) == 20
+    assert bound.desired(observation(159.0)) == 20
+    assert bound.desired(observation(160.0, queued=500)) == 3
 
 
 def test_count_reversals() -> None:
