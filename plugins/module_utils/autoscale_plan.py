@@ -247,6 +247,8 @@ def decide_pool(
             "idle_processes": signals.idle_processes,
             "requested": signals.requested,
             "throughput": throughput,
+            "upcoming": signals.upcoming,
+            "longest_running": signals.longest_running,
         },
         details=dict(decision.details),
         plan=plan,

@@ -22,6 +22,7 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_mo
     ProcessState,
     SidekiqState,
 )
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_pools import longest_running
 
 # Weight key for busy threads of live processes whose tag matches no pool (started by hand, another app).
 OTHER_PROCESSES = "(other)"
@@ -107,12 +108,27 @@ def pool_signals(
     now: float,
     throughput: float | None,
 ) -> PoolSignals:
-    """Build the policy's signals of one pool.
+    """Build the policy's signals of one systemd pool.
 
-    Backlog and latency come from the pool's queues. Processes, capacity and idle processes come from the live
-    processes with the pool's tag. Busy threads are the larger of the two counts, because a queue that two
-    pools share shows up in both pools' queue counts, and the safe error is to see too many busy threads.
     The count the backend is set to is the number of running and booting units on the hosts that were read.
+    See `backend_signals` for the other signals.
+    """
+    return backend_signals(pool_state, own, now, throughput, requested=len(instances))
+
+
+def backend_signals(
+    pool_state: PoolState,
+    own: Sequence[ProcessState],
+    now: float,
+    throughput: float | None,
+    requested: int | None,
+) -> PoolSignals:
+    """Build the policy's signals of one pool, given the process count its backend is set to.
+
+    Backlog, latency and upcoming jobs come from the pool's queues. Processes, capacity and idle processes come
+    from the live processes with the pool's tag. Busy threads and the age of the longest running job are the
+    larger of the two readings. A queue that two pools share shows up in both pools' queue counts, and the safe
+    error is to see too much work running.
     """
     active = [process for process in own if not process.quiet]
     return PoolSignals(
@@ -123,9 +139,22 @@ def pool_signals(
         capacity=sum(process.concurrency for process in active),
         now=now,
         throughput=throughput,
-        requested=len(instances),
+        requested=requested,
         idle_processes=sum(1 for process in active if process.busy == 0),
+        longest_running=_longest_running(pool_state, own, now),
+        upcoming=pool_state.upcoming,
     )
+
+
+def _longest_running(pool_state: PoolState, own: Sequence[ProcessState], now: float) -> float | None:
+    """Return the age of the oldest job that runs in the pool's queues or in its own processes; None if unknown."""
+    queues: set[str] = set()
+    for process in own:
+        queues |= set(process.oldest_run_at_by_queue) | set(process.unknown_run_at_by_queue)
+    in_own = longest_running(own, queues, now)
+    if pool_state.longest_running is None or in_own is None:
+        return None
+    return max(pool_state.longest_running, in_own)
 
 
 def blocked_reason(

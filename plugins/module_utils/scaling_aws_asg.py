@@ -1,8 +1,9 @@
 """The ``aws_asg`` backend: one EC2 Auto Scaling group per pool, each instance running the pool's processes.
 
 `AsgBackend.read` describes the group and its instances (EC2 DescribeInstances gives the hostnames), matches the
-pool's Sidekiq processes to instances and loads the leaving record from Redis. `plan` is pure. `apply` makes the
-plan's changes in this order, so that a run that stops half-way leaves nothing that the next run cannot finish:
+pool's Sidekiq processes to instances and loads the leaving record from Redis. `plan` is pure. `apply`
+(``scaling_aws_apply``) makes the plan's changes in this order, so that a run that stops half-way leaves nothing
+that the next run cannot finish:
 
 1. record the newly chosen instances as leaving (Redis);
 2. turn scale-in protection on (SetInstanceProtection, 50 instances per call);
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_apply import MemberScaler
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_client import (
     AwsApi,
     AwsConfigurationError,
@@ -34,14 +36,12 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_leav
     forget_leaving,
     leaving_key,
     load_leaving,
-    quiet_processes,
     redis_errors,
-    save_leaving,
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_plan import (
     INSTANCE_LABEL,
-    ApplyResult,
     Member,
+    Removal,
     ScalingPlan,
     ScalingReading,
     build_views,
@@ -72,7 +72,7 @@ def _ip_hostname(address: str | None) -> str | None:
     return "ip-" + address.replace(".", "-")
 
 
-class AsgBackend:
+class AsgBackend(MemberScaler):
     """Scale one pool's Auto Scaling group. See the module docstring for the order of the changes."""
 
     name = BACKEND
@@ -238,51 +238,25 @@ class AsgBackend:
                 ProtectedFromScaleIn=enabled,
             )
 
-    def apply(self, plan: ScalingPlan, redis_client: Any, namespace_prefix: str = "") -> ApplyResult:
-        """Make the plan's changes in the order of the module docstring; return what was done.
+    def _remove(self, removal: Removal, redis_client: Any, key: str) -> str:
+        """Terminate a drained instance by id, lowering the desired capacity with it unless MinSize forbids."""
+        self.autoscaling.call(
+            "terminate_instance_in_auto_scaling_group",
+            f"instance {removal.member_id} of {self.resource}",
+            InstanceId=removal.member_id,
+            ShouldDecrementDesiredCapacity=removal.decrement,
+        )
+        with redis_errors():
+            forget_leaving(redis_client, key, [removal.member_id])
+        outcome = "lowering the desired capacity" if removal.decrement else "to be replaced"
+        return f"Terminated {removal.member_id}, {outcome}."
 
-        Raises an AwsError or RedisAccessError subclass at the first failed step; the steps before it stay done,
-        and the next run goes on from there.
-        """
-        key = self.key(namespace_prefix)
-        actions: list[str] = []
-        if plan.record:
-            with redis_errors():
-                save_leaving(redis_client, key, dict(plan.record))
-            actions.append(f"Recorded {', '.join(dict(plan.record))} as leaving.")
-        if plan.protect:
-            self._protect(plan.protect, True)
-            actions.append(f"Protected {', '.join(plan.protect)} from scale-in.")
-        identities = [identity for member_processes in dict(plan.quiet).values() for identity in member_processes]
-        if identities:
-            with redis_errors():
-                quiet_processes(redis_client, identities, namespace_prefix)
-            actions.append(f"Sent TSTP to {', '.join(identities)}.")
-        if plan.unprotect:
-            self._protect(plan.unprotect, False)
-            actions.append(f"Removed scale-in protection from {', '.join(plan.unprotect)}.")
-        for removal in plan.remove:
-            self.autoscaling.call(
-                "terminate_instance_in_auto_scaling_group",
-                f"instance {removal.member_id} of {self.resource}",
-                InstanceId=removal.member_id,
-                ShouldDecrementDesiredCapacity=removal.decrement,
-            )
-            with redis_errors():
-                forget_leaving(redis_client, key, [removal.member_id])
-            outcome = "lowering the desired capacity" if removal.decrement else "to be replaced"
-            actions.append(f"Terminated {removal.member_id}, {outcome}.")
-        if plan.set_capacity:
-            self.autoscaling.call(
-                "set_desired_capacity",
-                self.resource,
-                AutoScalingGroupName=self.group_name,
-                DesiredCapacity=plan.capacity_after,
-                HonorCooldown=False,
-            )
-            actions.append(f"Set the desired capacity of the {self.resource} to {plan.capacity_after}.")
-        if plan.forget:
-            with redis_errors():
-                forget_leaving(redis_client, key, plan.forget)
-            actions.append(f"Deleted the leaving records of {', '.join(plan.forget)}, which are gone.")
-        return ApplyResult(actions=tuple(actions))
+    def _set_capacity(self, capacity: int) -> str:
+        self.autoscaling.call(
+            "set_desired_capacity",
+            self.resource,
+            AutoScalingGroupName=self.group_name,
+            DesiredCapacity=capacity,
+            HonorCooldown=False,
+        )
+        return f"Set the desired capacity of the {self.resource} to {capacity}."

@@ -8,7 +8,7 @@ Sidekiq (SIGKILL) before it pushes unfinished jobs back to Redis.
 ECS has no call that stops one named task of a service and lowers the desired count with it: the service picks
 the tasks to stop, and it skips tasks with scale-in protection (UpdateTaskProtection). So a drained task is
 removed by lowering the desired count at a moment when every other task of the service is protected and running.
-`apply` makes the plan's changes in this order:
+`apply` (``scaling_aws_apply``) makes the plan's changes in this order:
 
 1. write the leaving record: new leavers, and drained tasks marked removed (Redis);
 2. turn protection on or renew it (UpdateTaskProtection, 10 tasks per call, expiring after
@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import pools as pool_model
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_apply import MemberScaler
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_client import (
     AwsApi,
     AwsConfigurationError,
@@ -43,16 +44,12 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_clie
     epoch_seconds,
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_leaving import (
-    forget_leaving,
     leaving_key,
     load_leaving,
-    quiet_processes,
     redis_errors,
-    save_leaving,
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_plan import (
     TASK_LABEL,
-    ApplyResult,
     Member,
     ScalingPlan,
     ScalingReading,
@@ -166,7 +163,7 @@ def check_stop_timeout(
     )
 
 
-class EcsBackend:
+class EcsBackend(MemberScaler):
     """Scale one pool's ECS service. See the module docstring for the order of the changes."""
 
     name = BACKEND
@@ -394,40 +391,14 @@ class EcsBackend:
                 "changed; the next run tries again."
             )
 
-    def apply(self, plan: ScalingPlan, redis_client: Any, namespace_prefix: str = "") -> ApplyResult:
-        """Make the plan's changes in the order of the module docstring; return what was done.
+    def _recorded_sentence(self, ids: Sequence[str]) -> str:
+        return f"Recorded {', '.join(ids)} in the leaving record."
 
-        Raises an AwsError or RedisAccessError subclass at the first failed step; the steps before it stay done,
-        and the next run goes on from there.
-        """
-        key = self.key(namespace_prefix)
-        actions: list[str] = []
-        if plan.record:
-            with redis_errors():
-                save_leaving(redis_client, key, dict(plan.record))
-            actions.append(f"Recorded {', '.join(dict(plan.record))} in the leaving record.")
-        if plan.protect:
-            self._protect(plan.protect, True)
-            actions.append(f"Protected {', '.join(plan.protect)} from scale-in for {self.protection_minutes} minutes.")
-        identities = [identity for member_processes in dict(plan.quiet).values() for identity in member_processes]
-        if identities:
-            with redis_errors():
-                quiet_processes(redis_client, identities, namespace_prefix)
-            actions.append(f"Sent TSTP to {', '.join(identities)}.")
-        if plan.unprotect:
-            self._protect(plan.unprotect, False)
-            actions.append(f"Removed scale-in protection from {', '.join(plan.unprotect)}.")
-        if plan.set_capacity:
-            self.ecs.call(
-                "update_service",
-                self.resource,
-                cluster=self.cluster,
-                service=self.service,
-                desiredCount=plan.capacity_after,
-            )
-            actions.append(f"Set the desired count of the {self.resource} to {plan.capacity_after}.")
-        if plan.forget:
-            with redis_errors():
-                forget_leaving(redis_client, key, plan.forget)
-            actions.append(f"Deleted the leaving records of {', '.join(plan.forget)}, which are gone.")
-        return ApplyResult(actions=tuple(actions))
+    def _protected_sentence(self, ids: Sequence[str]) -> str:
+        return f"Protected {', '.join(ids)} from scale-in for {self.protection_minutes} minutes."
+
+    def _set_capacity(self, capacity: int) -> str:
+        self.ecs.call(
+            "update_service", self.resource, cluster=self.cluster, service=self.service, desiredCount=capacity
+        )
+        return f"Set the desired count of the {self.resource} to {capacity}."

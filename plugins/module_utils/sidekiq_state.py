@@ -1,8 +1,9 @@
 """Read a Sidekiq fleet's state from Redis as Sidekiq's own API reports it, in a fixed number of round trips.
 
 ``read_state()`` runs one server-side script (see ``sidekiq_state_script``) that gathers queue sizes and
-latencies, scheduled, retry and dead counts with the due entries per queue, processes with their
-heartbeats and busy threads, and the processed/failed counters. The script takes one round trip, or two
+latencies, scheduled, retry and dead counts with the due and upcoming entries per queue, processes with
+their heartbeats, busy threads and the start time of their oldest job per queue, and the processed/failed
+counters. The script takes one round trip, or two
 right after Redis lost its script cache, whatever the number of queues and processes.
 
 Layouts of Sidekiq 6, 7 and 8 are read alike: enqueued_at in seconds or milliseconds, concurrency in the
@@ -38,7 +39,10 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_po
     aggregate_pools,
     parse_pool_specs,
 )
-from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_script import run_read_script
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_script import (
+    DEFAULT_UPCOMING_WINDOW,
+    run_read_script,
+)
 
 __all__ = [
     "DEFAULT_DUE_SCAN_LIMIT",
@@ -73,17 +77,21 @@ def read_state(
     pools: Iterable[Mapping[str, Any]] | None = None,
     due_scan_limit: int = DEFAULT_DUE_SCAN_LIMIT,
     settings: RedisSettings | None = None,
+    upcoming_window: int = DEFAULT_UPCOMING_WINDOW,
 ) -> SidekiqState:
     """Read the whole state through ``client`` (redis-py) and aggregate it per pool.
 
     ``namespace_prefix`` is the prefix of every key (``"myapp:"`` with redis-namespace, ``""`` without).
     ``settings``, when given, names the target in error messages. Pools are validated before Redis is touched.
+    Scheduled and retry jobs that come due within ``upcoming_window`` seconds count as upcoming.
     Raises PoolSpecError for invalid pools, ValueError for a due_scan_limit below 0, and a RedisAccessError
     subclass when Redis fails or denies the read.
     """
     specs = parse_pool_specs(pools)
     if due_scan_limit < 0:
         raise ValueError(f"due_scan_limit must be 0 or more, got {due_scan_limit}.")
+    if upcoming_window < 0:
+        raise ValueError(f"upcoming_window must be 0 or more seconds, got {upcoming_window}.")
 
     try:
         from redis.exceptions import RedisError
@@ -91,7 +99,7 @@ def read_state(
         raise RedisAccessError("The Python package 'redis' is not installed.") from error
 
     try:
-        result = run_read_script(client, namespace_prefix, due_scan_limit)
+        result = run_read_script(client, namespace_prefix, due_scan_limit, upcoming_window)
     except RedisError as error:
         translated = translate_redis_error(error, settings)
         if isinstance(translated, RedisCommandError):

@@ -60,6 +60,10 @@ class ProcessState:
     rss_kb: int
     live: bool
     stale_reason: str | None
+    # Per queue, the earliest ``run_at`` (epoch seconds) of the jobs this process runs, from its work hashes.
+    oldest_run_at_by_queue: dict[str, float] = field(default_factory=dict)
+    # Per queue, work entries whose ``run_at`` could not be read, so the age of their job is unknown.
+    unknown_run_at_by_queue: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -79,6 +83,11 @@ class JobSetState:
     # Due entries per queue, from the first ``due_scanned`` due entries in score order.
     due_by_queue: dict[str, int]
     due_scanned: int
+    # Entries that come due after the read time and within the upcoming window (ZCOUNT, exact), and per queue
+    # from the first ``upcoming_scanned`` of them.
+    upcoming: int = 0
+    upcoming_by_queue: dict[str, int] = field(default_factory=dict)
+    upcoming_scanned: int = 0
 
     @property
     def due_truncated(self) -> bool:
@@ -92,14 +101,25 @@ class JobSetState:
         assumes the unscanned due entries spread over queues as the scanned ones do.
         """
         found = sum(self.due_by_queue.get(queue, 0) for queue in queues)
-        if not self.due_truncated or self.due_scanned == 0:
-            return found, self.due_truncated
-        return round(found * self.due / self.due_scanned), True
+        return _scaled(found, self.due, self.due_scanned)
+
+    def upcoming_for_queues(self, queues: Iterable[str]) -> tuple[int, bool]:
+        """Count upcoming entries for the queues, scaled like `due_for_queues` when the scan was truncated."""
+        found = sum(self.upcoming_by_queue.get(queue, 0) for queue in queues)
+        return _scaled(found, self.upcoming, self.upcoming_scanned)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["due_truncated"] = self.due_truncated
         return data
+
+
+def _scaled(found: int, total: int, scanned: int) -> tuple[int, bool]:
+    """Scale a count from the scanned entries up to all of them; return it and whether it is an estimate."""
+    truncated = scanned < total
+    if not truncated or scanned == 0:
+        return found, truncated
+    return round(found * total / scanned), True
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,11 @@ class PoolState:
     quiet_processes: int
     # True when a due count was scaled up from a truncated scan (see JobSetState.due_for_queues).
     due_estimated: bool
+    # Scheduled and retry jobs of the pool's queues that come due within the upcoming window of the read.
+    upcoming: int = 0
+    # Seconds since the oldest running job of the pool's queues started (work hash ``run_at``); 0.0 when none
+    # runs, None when a running job's ``run_at`` could not be read.
+    longest_running: float | None = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -159,7 +159,21 @@ def _parse_job_set(
     for reason, count in _pairs(problems_flat):
         malformed.add(kind, _text(reason) or "error", prefix + name, int(count))
     counts = {(_text(queue) or ""): int(count) for queue, count in _pairs(counts_flat)}
-    return JobSetState(name=name, size=size, due=due, due_by_queue=dict(sorted(counts.items())), due_scanned=scanned)
+    # Replies of a script without the upcoming scan have three parts; they read as nothing upcoming.
+    upcoming, upcoming_scanned, upcoming_flat = 0, 0, []
+    if len(scan) >= 6:
+        upcoming, upcoming_scanned, upcoming_flat = int(scan[3]), int(scan[4]), _list(scan[5])
+    upcoming_counts = {(_text(queue) or ""): int(count) for queue, count in _pairs(upcoming_flat)}
+    return JobSetState(
+        name=name,
+        size=size,
+        due=due,
+        due_by_queue=dict(sorted(counts.items())),
+        due_scanned=scanned,
+        upcoming=upcoming,
+        upcoming_by_queue=dict(sorted(upcoming_counts.items())),
+        upcoming_scanned=upcoming_scanned,
+    )
 
 
 def _parse_process(raw: Sequence[Any], now: float, prefix: str, malformed: MalformedCounter) -> ProcessState:
@@ -173,6 +187,7 @@ def _parse_process(raw: Sequence[Any], now: float, prefix: str, malformed: Malfo
     busy_by_queue = {(_text(queue) or ""): int(count) for queue, count in _pairs(_list(raw[9]))}
     for reason, count in _pairs(_list(raw[10])):
         malformed.add("work entry", _text(reason) or "error", f"{where}:work", int(count))
+    oldest_run_at, unknown_run_at = _parse_run_at(raw[11:13])
 
     info: dict[str, Any] = {}
     problem: str | None = None
@@ -221,7 +236,33 @@ def _parse_process(raw: Sequence[Any], now: float, prefix: str, malformed: Malfo
         rss_kb=rss or 0,
         live=stale_reason is None,
         stale_reason=stale_reason,
+        oldest_run_at_by_queue=oldest_run_at,
+        unknown_run_at_by_queue=unknown_run_at,
     )
+
+
+def _parse_run_at(parts: Sequence[Any]) -> tuple[dict[str, float], dict[str, int]]:
+    """Parse the earliest ``run_at`` per queue and the count of entries without one.
+
+    Sidekiq 6.4 writes ``run_at`` as integer epoch seconds (``Time.now.to_i`` in its processor). A value in
+    milliseconds is converted by magnitude, as ``enqueued_at`` is. A value that is not a finite number counts
+    as unknown. A reply without these parts (an older script) gives empty mappings.
+    """
+    oldest: dict[str, float] = {}
+    unknown: dict[str, int] = {}
+    if len(parts) < 2:
+        return oldest, unknown
+    for queue_raw, count in _pairs(_list(parts[1])):
+        queue = _text(queue_raw) or ""
+        unknown[queue] = unknown.get(queue, 0) + int(count)
+    for queue_raw, value_raw in _pairs(_list(parts[0])):
+        queue = _text(queue_raw) or ""
+        value = _parse_float(value_raw)
+        if value is None:
+            unknown[queue] = unknown.get(queue, 0) + 1
+        else:
+            oldest[queue] = enqueued_at_seconds(value)
+    return dict(sorted(oldest.items())), dict(sorted(unknown.items()))
 
 
 def _parse_info(text: str) -> tuple[dict[str, Any], str | None]:

@@ -1,4 +1,5 @@
-"""Per-pool signals from a SidekiqState: backlog, maximum latency, busy threads and live capacity.
+"""Per-pool signals from a SidekiqState: backlog, maximum latency, busy threads, live capacity, upcoming jobs
+and the age of the oldest running job.
 
 A pool is one entry of ``sidekiq_pools``: a ``name`` and its ``queues``, given as plain names or as
 ``[name, weight]`` pairs. Other keys of the entry (concurrency, processes, autoscale, ...) are ignored
@@ -11,7 +12,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_model import PoolState, SidekiqState
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_model import (
+    PoolState,
+    ProcessState,
+    SidekiqState,
+)
 
 
 class PoolSpecError(ValueError):
@@ -56,6 +61,8 @@ def aggregate_pools(state: SidekiqState, specs: Iterable[PoolSpec]) -> dict[str,
         queued = sum(state.queues[queue].size for queue in spec.queues if queue in state.queues)
         scheduled_due, scheduled_estimated = state.scheduled.due_for_queues(spec.queues)
         retry_due, retry_estimated = state.retries.due_for_queues(spec.queues)
+        scheduled_upcoming, _estimated = state.scheduled.upcoming_for_queues(spec.queues)
+        retry_upcoming, _estimated = state.retries.upcoming_for_queues(spec.queues)
         latencies = [state.queues[queue].latency for queue in spec.queues if queue in state.queues]
         serving = [process for process in live if names & set(process.queues)]
         active = [process for process in serving if not process.quiet]
@@ -73,8 +80,27 @@ def aggregate_pools(state: SidekiqState, specs: Iterable[PoolSpec]) -> dict[str,
             processes=len(active),
             quiet_processes=len(serving) - len(active),
             due_estimated=scheduled_estimated or retry_estimated,
+            upcoming=scheduled_upcoming + retry_upcoming,
+            longest_running=longest_running(live, names, state.now),
         )
     return pools
+
+
+def longest_running(processes: Iterable[ProcessState], queues: set[str], now: float) -> float | None:
+    """Return the seconds since the oldest job of the queues started running in the processes.
+
+    Returns 0.0 when no job of the queues runs, and None when a running job's ``run_at`` is unknown, because
+    that job may be the oldest. A ``run_at`` ahead of the Redis clock (a skewed worker clock) counts as 0 s.
+    """
+    oldest: float | None = None
+    for process in processes:
+        if any(process.unknown_run_at_by_queue.get(queue, 0) for queue in queues):
+            return None
+        for queue in queues:
+            started = process.oldest_run_at_by_queue.get(queue)
+            if started is not None and (oldest is None or started < oldest):
+                oldest = started
+    return 0.0 if oldest is None else max(now - oldest, 0.0)
 
 
 def _parse_queue_list(pool: str, queues: Any) -> tuple[str, ...]:

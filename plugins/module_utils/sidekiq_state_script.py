@@ -2,8 +2,8 @@
 
 Sidekiq's own Ruby API needs one round trip per queue for latency and one per process for its work, so
 its cost grows with the fleet. This script reads everything inside Redis in a single EVALSHA. It returns
-only small values: sizes, the oldest job's ``enqueued_at`` per queue, due scheduled and retry jobs per
-queue, and each process's heartbeat fields with its busy threads per queue.
+only small values: sizes, the oldest job's ``enqueued_at`` per queue, due and upcoming scheduled and retry
+jobs per queue, and each process's heartbeat fields with its busy threads and oldest ``run_at`` per queue.
 
 The script never writes. Commands that fail on a key of the wrong type go through ``redis.pcall`` and JSON
 is decoded under ``pcall``, so such a key or an entry that is not valid JSON comes back as a short reason
@@ -23,16 +23,20 @@ from typing import Any
 #   <identity>:work, stat:processed, stat:failed
 #
 # ARGV[1] is the key prefix ("" or "<namespace>:"), ARGV[2] the maximum number of due entries decoded per
-# job set. The reply is one JSON document, because redis-py parsed a nested reply for 10,000 queues about
-# three times slower than Python's json module parses the same data. Lua's cjson writes numbers with only
-# 14 significant digits, so timestamps go back as strings: as written in the job, or formatted with 17
-# digits after a full decode. In the JSON, an empty Lua table appears as {} and a nil reply as false.
+# job set, and ARGV[3] the seconds ahead in which scheduled and retry entries count as upcoming. The reply
+# is one JSON document, because redis-py parsed a nested reply for 10,000 queues about three times slower
+# than Python's json module parses the same data. Lua's cjson writes numbers with only 14 significant
+# digits, so timestamps go back as strings: as written in the job, or formatted with 17 digits after a
+# full decode. In the JSON, an empty Lua table appears as {} and a nil reply as false.
 READ_STATE_LUA = r"""
 local prefix = ARGV[1]
 local due_scan_limit = tonumber(ARGV[2])
+local upcoming_window = tonumber(ARGV[3] or '0')
 
 local clock = redis.call('TIME')
 local now_text = clock[1] .. '.' .. string.format('%06d', tonumber(clock[2]))
+-- The end of the upcoming window, written from the integer seconds so that no precision is lost.
+local upcoming_until = (tonumber(clock[1]) + upcoming_window) .. '.' .. string.format('%06d', tonumber(clock[2]))
 
 local function call(...)
   local reply = redis.pcall(...)
@@ -142,11 +146,12 @@ for _, name in ipairs(queue_names) do
 end
 
 -- Due scheduled and retry jobs per queue: a job's queue is its "queue" field, so the due entries are
--- decoded here, at most due_scan_limit of them per set.
+-- decoded here, at most due_scan_limit of them per set. Entries due within the upcoming window are counted
+-- the same way, but an unreadable one is not reported, because it is reported once it is due.
 local function due_by_queue(name)
   local entries, err = call('ZRANGEBYSCORE', prefix .. name, '-inf', now_text, 'LIMIT', 0, due_scan_limit)
   if err then
-    return {0, {}, {}}
+    return {0, {}, {}, 0, 0, {}}
   end
   local counts = {}
   local problems = {}
@@ -160,10 +165,55 @@ local function due_by_queue(name)
       add(counts, job['queue'])
     end
   end
-  return {#entries, flatten_counts(counts), flatten_counts(problems)}
+  local upcoming = redis.call('ZCOUNT', prefix .. name, '(' .. now_text, upcoming_until)
+  local upcoming_entries = {}
+  if upcoming > 0 then
+    upcoming_entries = redis.call(
+      'ZRANGEBYSCORE', prefix .. name, '(' .. now_text, upcoming_until, 'LIMIT', 0, due_scan_limit
+    )
+  end
+  local upcoming_counts = {}
+  for _, raw in ipairs(upcoming_entries) do
+    local job, job_err = decode_object(raw)
+    if not job_err and type(job['queue']) == 'string' then
+      add(upcoming_counts, job['queue'])
+    end
+  end
+  return {
+    #entries, flatten_counts(counts), flatten_counts(problems),
+    upcoming, #upcoming_entries, flatten_counts(upcoming_counts),
+  }
 end
 
--- Processes: heartbeat fields and, from the work hashes, how many threads are busy on each queue.
+-- Return a work entry's run_at as text, or nil. Sidekiq 6.4 writes {"queue":...,"payload":...,"run_at":<epoch s>}
+-- with run_at last, so the text usually ends with it; the payload is a JSON string, so its quotes are escaped
+-- and cannot end the text this way. Any other form is decoded in full by the caller.
+local function trailing_run_at(raw)
+  local text = string.match(raw, '[,{]"run_at":(-?[%d%.eE%+%-]+)}$')
+  if text and tonumber(text) then
+    return text
+  end
+  return nil
+end
+
+local function decoded_run_at(entry)
+  if type(entry['run_at']) == 'number' then
+    return string.format('%.17g', entry['run_at'])
+  end
+  return nil
+end
+
+-- Keep the earliest run_at per queue, comparing numerically, and count entries without one.
+local function note_run_at(oldest, unknown, queue, run_at)
+  if run_at == nil then
+    add(unknown, queue)
+  elseif oldest[queue] == nil or tonumber(run_at) < tonumber(oldest[queue]) then
+    oldest[queue] = run_at
+  end
+end
+
+-- Processes: heartbeat fields and, from the work hashes, how many threads are busy on each queue and since when
+-- the oldest job of each queue runs.
 local processes = {}
 local identities, processes_err = call('SMEMBERS', prefix .. 'processes')
 if processes_err then
@@ -182,6 +232,8 @@ for _, identity in ipairs(identities) do
   end
   local work = {}
   local work_problems = {}
+  local oldest_run_at = {}
+  local unknown_run_at = {}
   for _, suffix in ipairs({':workers', ':work'}) do
     local entries, work_err = call('HGETALL', key .. suffix)
     if work_err then
@@ -192,8 +244,10 @@ for _, identity in ipairs(identities) do
         -- Sidekiq writes the work entry as {"queue":...,"payload":...,"run_at":...}, with "queue" first, so an
         -- anchored match finds the top-level queue without decoding the payload. Anything else is decoded.
         local queue = string.match(raw, '^{"queue":"([^"\\]*)"')
-        if queue then
+        local run_at = queue and trailing_run_at(raw)
+        if queue and run_at then
           add(work, queue)
+          note_run_at(oldest_run_at, unknown_run_at, queue, run_at)
         else
           local entry, entry_err = decode_object(raw)
           if entry_err then
@@ -202,6 +256,7 @@ for _, identity in ipairs(identities) do
             add(work_problems, 'no queue name')
           else
             add(work, entry['queue'])
+            note_run_at(oldest_run_at, unknown_run_at, entry['queue'], decoded_run_at(entry))
           end
         end
       end
@@ -210,6 +265,7 @@ for _, identity in ipairs(identities) do
   processes[#processes + 1] = {
     identity, exists, hash_err, fields[1], fields[2], fields[3], fields[4], fields[5], fields[6],
     flatten_counts(work), flatten_counts(work_problems),
+    flatten_counts(oldest_run_at), flatten_counts(unknown_run_at),
   }
 end
 
@@ -225,6 +281,9 @@ return cjson.encode({
 })
 """
 
+# Seconds ahead in which scheduled and retry jobs count as upcoming: the scaling policy's UPCOMING_WINDOW.
+DEFAULT_UPCOMING_WINDOW = 60
+
 READ_STATE_SHA1 = hashlib.sha1(READ_STATE_LUA.encode("utf-8")).hexdigest()
 
 
@@ -236,15 +295,18 @@ class ScriptReply:
     round_trips: int
 
 
-def run_read_script(client: Any, prefix: str, due_scan_limit: int) -> ScriptReply:
+def run_read_script(
+    client: Any, prefix: str, due_scan_limit: int, upcoming_window: int = DEFAULT_UPCOMING_WINDOW
+) -> ScriptReply:
     """Run the read script with EVALSHA, sending the body with EVAL only when Redis has not cached it yet.
 
     That costs one round trip normally and two after a Redis restart or SCRIPT FLUSH. SCRIPT LOAD is not
-    used, so a Redis user needs only EVAL, EVALSHA, TIME and the read commands.
+    used, so a Redis user needs only EVAL, EVALSHA, TIME and the read commands. `upcoming_window` is in whole
+    seconds.
     """
     from redis.exceptions import NoScriptError
 
-    arguments = (0, prefix, due_scan_limit)
+    arguments = (0, prefix, due_scan_limit, upcoming_window)
     try:
         raw = client.evalsha(READ_STATE_SHA1, *arguments)
         round_trips = 1

@@ -173,6 +173,15 @@ scheduled:
     due_truncated:
       description: Whether more entries were due than O(due_scan_limit).
       type: bool
+    upcoming:
+      description: Entries that come due after RV(now) and within the next 60 seconds; exact.
+      type: int
+    upcoming_by_queue:
+      description: Upcoming entries per queue, from the first RV(scheduled.upcoming_scanned) upcoming entries.
+      type: dict
+    upcoming_scanned:
+      description: Upcoming entries decoded, at most O(due_scan_limit).
+      type: int
 retries:
   description: The C(retry) sorted set, with the same fields as RV(scheduled).
   returned: always
@@ -237,6 +246,12 @@ processes:
     stale_reason:
       description: Why the process is not live, or V(null).
       type: str
+    oldest_run_at_by_queue:
+      description: Per queue, the earliest C(run_at) (epoch seconds) of the jobs the process runs, from its work hash.
+      type: dict
+    unknown_run_at_by_queue:
+      description: Per queue, running jobs whose C(run_at) could not be read, so their age is unknown.
+      type: dict
 live_processes:
   description: Number of live processes.
   returned: always
@@ -284,6 +299,13 @@ pools:
     due_estimated:
       description: Whether a due count was scaled up because O(due_scan_limit) was reached.
       type: bool
+    upcoming:
+      description: Scheduled jobs and retries of the pool's queues that come due within the next 60 seconds.
+      type: int
+    longest_running:
+      description: Seconds since the oldest running job of the pool's queues started; V(0) when none runs, V(null)
+        when the C(run_at) of a running job could not be read.
+      type: float
   sample:
     default: {name: default, queues: [default, low], queued: 120, scheduled_due: 3, retry_due: 1, backlog: 124,
               latency: 4.2, busy: 10, capacity: 20, processes: 2, quiet_processes: 0, due_estimated: false}

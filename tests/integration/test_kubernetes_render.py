@@ -2,10 +2,12 @@
 
 Each environment (inventories/staging, inventories/production and tests/data/kubernetes/inventory, which reaches
 the KEDA, HPA and TLS branches) is rendered once with `ansible-playbook playbooks/kubernetes.yml --tags render`
-into a temporary review directory. The objects are validated against the official Kubernetes OpenAPI schemas of
-several minor versions with kubernetes-validate in strict mode, so unknown fields fail. The ScaledObject is checked
-against KEDA's CRD schema, and the pod specs against the Pod Security "restricted" profile, field by field.
-Finally the checkov policy scanner reads the whole directory.
+into a temporary review directory: the worker pools of roles/sidekiq_kubernetes at its top, and the autoscaler
+CronJob of roles/autoscaler (autoscaler_target: kubernetes) in its autoscaler/ subdirectory. The objects are
+validated against the official Kubernetes OpenAPI schemas of several minor versions with kubernetes-validate in
+strict mode, so unknown fields fail. The ScaledObject is checked against KEDA's CRD schema, and the pod specs
+against the Pod Security "restricted" profile, field by field. Finally the checkov policy scanner reads the whole
+directory, subdirectory included.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -28,6 +31,9 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import pools as 
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "kubernetes"
+ROLES = ROOT / "roles"
+AUTOSCALER_NAME = "sidekiq-ops-autoscaler"
+AUTOSCALER_KINDS = {"ServiceAccount", "ConfigMap", "Role", "RoleBinding", "CronJob"}
 ENVIRONMENTS = {
     "staging": ROOT / "inventories" / "staging",
     "production": ROOT / "inventories" / "production",
@@ -65,7 +71,7 @@ CHECKOV_ACCEPTED: dict[str, tuple[str, set[str] | None]] = {
 
 @dataclass
 class Rendered:
-    """The objects one environment rendered, keyed by file name, with the variables that drove them."""
+    """The objects one environment rendered, keyed by path in the review directory, with the inventory variables."""
 
     name: str
     directory: Path
@@ -139,7 +145,10 @@ def renders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Rendered]:
     for name, (inventory, review_dir, process) in runs.items():
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output
-        objects = {path.name: yaml.safe_load(path.read_text()) for path in sorted(review_dir.glob("*.yaml"))}
+        objects = {
+            str(path.relative_to(review_dir)): yaml.safe_load(path.read_text())
+            for path in sorted(review_dir.rglob("*.yaml"))
+        }
         found[name] = Rendered(name, review_dir, objects, inventory_variables(inventory))
     return found
 
@@ -209,8 +218,20 @@ def test_every_object_has_one_file(rendered: Rendered) -> None:
             assert rendered.get(kind, f"sidekiq-{pool}")
     for file_name, obj in rendered.objects.items():
         assert file_name.endswith(f"-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml")
+        autoscaler_object = obj["metadata"]["name"] == AUTOSCALER_NAME
+        assert file_name.startswith("autoscaler/") == autoscaler_object, file_name
     assert "Secret" not in kinds
     assert list(rendered.objects) == sorted(rendered.objects)
+
+
+def test_autoscaler_objects_come_from_autoscaler_role(rendered: Rendered) -> None:
+    autoscaler_objects = [obj for name, obj in rendered.objects.items() if name.startswith("autoscaler/")]
+
+    assert rendered.variables["autoscaler_target"] == "kubernetes"
+    assert sorted(obj["kind"] for obj in autoscaler_objects) == sorted(AUTOSCALER_KINDS)
+    for obj in autoscaler_objects:
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "autoscaler"
+    assert not list((ROLES / "sidekiq_kubernetes" / "templates").glob("autoscaler-*"))
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -456,33 +477,49 @@ def test_every_object_carries_standard_labels(rendered: Rendered) -> None:
             )
 
 
+def autoscale_extra_vars(rendered: Rendered) -> dict[str, Any]:
+    extra_vars: dict[str, Any] = yaml.safe_load(rendered.get("ConfigMap", AUTOSCALER_NAME)["data"]["autoscale.yml"])
+    return extra_vars
+
+
 def test_cronjob_runs_one_autoscale_at_a_time(rendered: Rendered) -> None:
-    cronjob = rendered.get("CronJob", "sidekiq-ops-autoscaler")
+    cronjob = rendered.get("CronJob", AUTOSCALER_NAME)
     spec = cronjob["spec"]
     container = spec["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    extra_vars = yaml.safe_load(rendered.get("ConfigMap", "sidekiq-ops-autoscaler")["data"]["autoscale.yml"])
-    settings = rendered.variables.get("sidekiq_kubernetes_pools", {})
-    expected_pools = [
-        pool["name"]
-        for pool in rendered.variables["sidekiq_pools"]
-        if settings.get(pool["name"], {}).get("autoscaler", "sidekiq-ops") == "sidekiq-ops"
-        and pool_model.processes(pool)[0] != pool_model.processes(pool)[1]
+    extra_vars = autoscale_extra_vars(rendered)
+    # The worker role writes each pool's autoscaler on its Deployment; the CronJob must size exactly those pools.
+    sized_by_sidekiq_ops = [
+        deployment["metadata"]["name"].removeprefix("sidekiq-")
+        for deployment in rendered.of_kind("Deployment")
+        if deployment["metadata"]["annotations"]["sidekiq-ops/autoscaler"] == "sidekiq-ops"
     ]
 
     assert spec["concurrencyPolicy"] == "Forbid"
+    assert spec["suspend"] is False
     assert container["command"][:2] == ["ansible-playbook", "playbooks/autoscale.yml"]
-    assert container["image"] == rendered.variables["sidekiq_kubernetes_autoscaler_image"]
+    assert container["command"][-2:] == ["--extra-vars", "@/etc/sidekiq-ops/autoscale.yml"]
+    assert container["image"] == rendered.variables["autoscaler_kubernetes_image"]
     assert extra_vars["autoscale_backend"] == "kubernetes"
-    assert extra_vars["autoscale_pools_filter"] == expected_pools
-    assert expected_pools
+    assert extra_vars["autoscale_kubernetes_namespace"] == rendered.variables["sidekiq_kubernetes_namespace"]
+    assert sorted(extra_vars["autoscale_pools_filter"]) == sorted(sized_by_sidekiq_ops)
+    assert sized_by_sidekiq_ops
+
+
+def test_cronjob_vars_are_read_by_playbook(rendered: Rendered) -> None:
+    """Every extra variable the CronJob passes is one that playbooks/autoscale.yml uses and documents."""
+    playbook = (ROOT / "playbooks" / "autoscale.yml").read_text()
+    header = "".join(line for line in playbook.splitlines(keepends=True) if line.startswith("#"))
+    body = "".join(line for line in playbook.splitlines(keepends=True) if not line.lstrip().startswith("#"))
+
+    for name in autoscale_extra_vars(rendered):
+        assert re.search(rf"\b{name}\b", body), f"playbooks/autoscale.yml never reads {name}"
+        assert re.search(rf"\b{name}\b", header), f"{name} is not documented in the header of playbooks/autoscale.yml"
 
 
 def test_autoscaler_role_is_minimal(rendered: Rendered) -> None:
-    role = rendered.get("Role", "sidekiq-ops-autoscaler")
-    binding = rendered.get("RoleBinding", "sidekiq-ops-autoscaler")
-    pools_filter = yaml.safe_load(rendered.get("ConfigMap", "sidekiq-ops-autoscaler")["data"]["autoscale.yml"])[
-        "autoscale_pools_filter"
-    ]
+    role = rendered.get("Role", AUTOSCALER_NAME)
+    binding = rendered.get("RoleBinding", AUTOSCALER_NAME)
+    pools_filter = autoscale_extra_vars(rendered)["autoscale_pools_filter"]
 
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch"]},
@@ -565,6 +602,11 @@ BAD_INPUTS = {
         {"sidekiq_kubernetes_namespace": ""},
         'sidekiq_kubernetes_namespace "" is invalid',
     ),
+    "removed cronjob variable": (
+        {"sidekiq_kubernetes_autoscaler_cronjob": True},
+        "sidekiq_kubernetes_autoscaler_cronjob was removed: the autoscaler CronJob moved to the autoscaler role, "
+        "which playbooks/kubernetes.yml runs after this role; set autoscaler_target: kubernetes instead",
+    ),
 }  # fmt: skip
 
 
@@ -597,3 +639,106 @@ def test_apply_reads_exactly_the_rendered_files() -> None:
     assert "resource_definition" not in module
     assert module["apply"] is True
     assert module["server_side_apply"]["field_manager"] == "{{ sidekiq_kubernetes_field_manager }}"
+
+
+AUTOSCALER_BAD_INPUTS = {
+    "missing image": ({"autoscaler_kubernetes_image": ""}, "autoscaler_kubernetes_image is empty"),
+    "schedule not cron": (
+        {"autoscaler_kubernetes_schedule": "every minute"},
+        'autoscaler_kubernetes_schedule "every minute" is invalid',
+    ),
+    "deadline too short": ({"autoscaler_kubernetes_deadline": 5}, "autoscaler_kubernetes_deadline 5 is invalid"),
+    "no pool to size": (
+        {"sidekiq_kubernetes_pools": {"default": {"autoscaler": "none"}}},
+        "no pool of sidekiq_pools has autoscaler sidekiq-ops",
+    ),
+    "pool name clash": (
+        {"sidekiq_pools": [{"name": "ops-autoscaler", "queues": ["default"], "processes": {"min": 1, "max": 3}}],
+         "sidekiq_app_queues": []},
+        'pool "ops-autoscaler" would share the name sidekiq-ops-autoscaler',
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(AUTOSCALER_BAD_INPUTS))
+def test_bad_autoscaler_input_rejected(case: str, tmp_path: Path) -> None:
+    overrides, message = AUTOSCALER_BAD_INPUTS[case]
+    review_dir = tmp_path / "review"
+
+    result = run_playbook(ENVIRONMENTS["staging"], review_dir, "-e", json.dumps(overrides))
+
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Invalid autoscaler CronJob settings, nothing was rendered or applied" in output
+    assert message in output.replace("\n", " "), output
+    assert not (review_dir / "autoscaler").exists()
+
+
+def test_disabled_autoscaler_suspends_cronjob(tmp_path: Path) -> None:
+    review_dir = tmp_path / "review"
+
+    result = run_playbook(ENVIRONMENTS["staging"], review_dir, "-e", json.dumps({"autoscaler_enabled": False}))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    cronjob = yaml.safe_load((review_dir / "autoscaler" / "80-cronjob-sidekiq-ops-autoscaler.yaml").read_text())
+    assert cronjob["spec"]["suspend"] is True
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def test_systemd_target_renders_no_cronjob(tmp_path: Path) -> None:
+    review_dir = tmp_path / "review"
+
+    result = run_playbook(ENVIRONMENTS["staging"], review_dir, "-e", json.dumps({"autoscaler_target": "systemd"}))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(review_dir.glob("*-deployment-sidekiq-default.yaml"))
+    assert not (review_dir / "autoscaler").exists()
+
+
+def test_prune_keeps_autoscaler_objects() -> None:
+    """The worker role prunes only objects of component worker.
+
+    The CronJob objects of the autoscaler role carry the same app labels, so without that selector every apply of
+    the worker role would delete them.
+    """
+    apply = yaml.safe_load((ROLES / "sidekiq_kubernetes" / "tasks" / "apply.yml").read_text())
+    (find_task,) = [task for task in apply if "kubernetes.core.k8s_info" in task]
+    selectors = find_task["kubernetes.core.k8s_info"]["label_selectors"]
+
+    assert "app.kubernetes.io/component=worker" in selectors
+    assert "app.kubernetes.io/managed-by=sidekiq-ops" in selectors
+
+
+def test_autoscaler_apply_reads_rendered_files() -> None:
+    tasks = ROLES / "autoscaler" / "tasks"
+    render = yaml.safe_load((tasks / "kubernetes_render.yml").read_text())
+    apply = yaml.safe_load((tasks / "kubernetes_apply.yml").read_text())
+    (render_task,) = [task for task in render if "ansible.builtin.template" in task]
+    (apply_task,) = [task for task in apply if "kubernetes.core.k8s" in task]
+    module = apply_task["kubernetes.core.k8s"]
+
+    assert render_task["loop"] == apply_task["loop"] == "{{ __autoscaler_kubernetes_objects }}"
+    assert render_task["ansible.builtin.template"]["dest"] == module["src"]
+    assert module["apply"] is True
+    assert module["server_side_apply"]["field_manager"] == "{{ sidekiq_kubernetes_field_manager }}"
+
+
+def test_shared_variables_match_between_roles() -> None:
+    """The autoscaler role reads the sidekiq_kubernetes role's variables under the same names: defaults, types and
+    choices must agree, so a variable means the same whichever role runs first."""
+    autoscaler_defaults = yaml.safe_load((ROLES / "autoscaler" / "defaults" / "main.yml").read_text())
+    worker_defaults = yaml.safe_load((ROLES / "sidekiq_kubernetes" / "defaults" / "main.yml").read_text())
+    autoscaler_specs = yaml.safe_load((ROLES / "autoscaler" / "meta" / "argument_specs.yml").read_text())
+    worker_specs = yaml.safe_load((ROLES / "sidekiq_kubernetes" / "meta" / "argument_specs.yml").read_text())
+    autoscaler_options = autoscaler_specs["argument_specs"]["main"]["options"]
+    worker_options = worker_specs["argument_specs"]["main"]["options"]
+    shared = [name for name in autoscaler_defaults if name.startswith("sidekiq_")]
+
+    assert "sidekiq_kubernetes_namespace" in shared
+    for name in shared:
+        assert autoscaler_defaults[name] == worker_defaults[name], name
+        assert name in autoscaler_options, f"{name} is not in the autoscaler role's argument specs"
+        for key in ("type", "default", "choices", "elements", "no_log"):
+            assert autoscaler_options[name].get(key) == worker_options[name].get(key), f"{name}: {key}"
+    for name in autoscaler_defaults:
+        assert name in autoscaler_options, f"{name} is not in the autoscaler role's argument specs"

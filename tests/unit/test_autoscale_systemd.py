@@ -153,8 +153,9 @@ def test_host_reading_rejects_non_mapping() -> None:
 
 def test_playbook_reads_with_the_parsed_command() -> None:
     plays = yaml.safe_load((ROOT / "playbooks" / "autoscale.yml").read_text())
+    read_play = next(play for play in plays if play["name"] == "Read the Sidekiq units on every worker host")
 
-    assert plays[0]["tasks"][0]["ansible.builtin.shell"] == backend.READ_COMMAND
+    assert read_play["tasks"][0]["ansible.builtin.shell"] == backend.READ_COMMAND
 
 
 # --- matching units to processes ---

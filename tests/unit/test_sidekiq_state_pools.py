@@ -205,4 +205,6 @@ def test_pool_to_dict() -> None:
         "processes": 0,
         "quiet_processes": 0,
         "due_estimated": False,
+        "upcoming": 0,
+        "longest_running": 0.0,
     }
