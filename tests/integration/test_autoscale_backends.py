@@ -39,6 +39,7 @@ from sidekiq_fixtures import (  # type: ignore[import-not-found]
     ROOT,
     RedisServer,
     ruby_enqueue,
+    ruby_eval,
     running_redis,
     sidekiq_launcher,
     wait_for,
@@ -509,3 +510,33 @@ def test_reader_ages_real_sidekiq_job(tmp_path: Path, redis_server: RedisServer,
     age = state.pools["default"].longest_running
     assert age is not None
     assert 1.0 <= age <= 30.0
+
+
+def test_asg_scales_out_from_real_sidekiq_backlog(
+    tmp_path: Path, redis_server: RedisServer, client: redis.Redis, clean_moto: MotoServer
+) -> None:
+    """A real Sidekiq 6.4.1 process with every thread busy and a queue behind it makes the group grow."""
+    create_group(clean_moto, GROUP, minimum=1, maximum=4, desired=1)
+    pool = dict(DEFAULT, queues=["slow"])
+    with sidekiq_launcher(tmp_path / "sidekiq") as launch:
+        worker = launch(redis_server.url, ("slow",), concurrency=2, timeout=5, tag="default")
+        identity = worker.identity(client)
+        ruby_enqueue(redis_server.url, "--slow", "12", "--slow-seconds", "30")
+        wait_for(lambda: client.hlen(f"{identity}:workers") == 2, timeout=30, description="both threads to be busy")
+        time.sleep(6)
+        sidekiq_view = ruby_eval(
+            redis_server.url, 'puts [Sidekiq::Workers.new.size, Sidekiq::Queue.new("slow").size].join(" ")'
+        )
+
+        result = run_module(tmp_path, aws_arguments(redis_server, clean_moto, "aws_asg", [pool]))
+
+    assert result.get("failed") is not True, result
+    decided = result["pools"]["default"]
+    busy, queued = (int(value) for value in sidekiq_view.split())
+    assert decided["signals"]["busy"] == busy
+    assert decided["signals"]["backlog"] == queued
+    assert queued == 10
+    assert decided["signals"]["latency"] >= 5.0
+    assert decided["action"] == "scale_out", decided["reason"]
+    assert group_state(clean_moto, GROUP)["desired"] == decided["target"]
+    assert decided["target"] > 1
