@@ -15,7 +15,6 @@ The lock is extended before each pool, so that a run over many pools keeps it wh
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,7 +37,9 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_plan i
     count_diff,
     fleet_record,
     load_policy_state,
+    lock_held_result,
     log_line,
+    releasing_on_error,
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_signals import (
     OTHER_PROCESSES,
@@ -54,10 +55,8 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_store 
     acquire_lock,
     extend_lock,
     load_state,
-    lock_holder,
     new_lock_value,
     pool_field,
-    release_lock,
     write_state,
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_systemd import busy_floor
@@ -331,32 +330,11 @@ def run_api(
         value = new_lock_value()
         ttl = pool_lock_ttl()
         if not acquire_lock(client, keys, value, ttl):
-            holder = lock_holder(client, keys)
-            lock["holder"] = holder.describe()
-            return {
-                "lock_held": True,
-                "lock": lock,
-                "fleet": request.fleet,
-                "backend": request.backend,
-                "msg": f"Another autoscaling run of fleet {request.fleet} holds the lock ({holder.describe()}); "
-                "this run changed nothing.",
-                "pools": {},
-                "actions_planned": False,
-                "problems": [],
-                "log_lines": [f"autoscale {request.fleet}: lock {holder.describe()}; this run changed nothing."],
-                "warnings": [],
-                "changed": False,
-            }
+            return lock_held_result(client, keys, lock, request.fleet, backend=request.backend, changed=False)
         lock.update(value=value, ttl=ttl, released=False)
 
-    try:
+    with releasing_on_error(client, keys, lock):
         return _scale_and_store(client, request, keys, lock, namespace_prefix, settings)
-    except BaseException:
-        if lock["value"] and not lock["released"]:
-            # The original error is what the caller must see, so a failed release is left to the lock's expiry.
-            with contextlib.suppress(Exception):
-                release_lock(client, keys, lock["value"])
-        raise
 
 
 def _pool_contexts(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -388,27 +388,36 @@ def run_plan(
         value = new_lock_value()
         ttl = initial_lock_ttl(request.pools, request.margin)
         if not acquire_lock(client, keys, value, ttl):
-            holder = lock_holder(client, keys)
-            lock["holder"] = holder.describe()
-            return {
-                "lock_held": True,
-                "lock": lock,
-                "fleet": request.fleet,
-                "msg": f"Another autoscaling run of fleet {request.fleet} holds the lock ({holder.describe()}); "
-                "this run changed nothing.",
-                "pools": {},
-                "starts": {},
-                "stops": {},
-                "actions_planned": False,
-                "problems": [],
-                "log_lines": [f"autoscale {request.fleet}: lock {holder.describe()}; this run changed nothing."],
-                "unreadable_hosts": {},
-                "warnings": [],
-            }
+            return lock_held_result(client, keys, lock, request.fleet, starts={}, stops={}, unreadable_hosts={})
         lock.update(value=value, ttl=ttl, released=False)
 
-    try:
+    with releasing_on_error(client, keys, lock):
         return _decide_and_store(client, request, readings, keys, pools_by_name, lock, namespace_prefix, settings)
+
+
+def lock_held_result(client: Any, keys: FleetKeys, lock: dict[str, Any], fleet: str, **extra: Any) -> dict[str, Any]:
+    """Return the module result of a run that found the fleet's lock held by another run, plus `extra` keys."""
+    holder = lock_holder(client, keys).describe()
+    lock["holder"] = holder
+    return {
+        "lock_held": True,
+        "lock": lock,
+        "fleet": fleet,
+        "msg": f"Another autoscaling run of fleet {fleet} holds the lock ({holder}); this run changed nothing.",
+        "pools": {},
+        "actions_planned": False,
+        "problems": [],
+        "log_lines": [f"autoscale {fleet}: lock {holder}; this run changed nothing."],
+        "warnings": [],
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def releasing_on_error(client: Any, keys: FleetKeys, lock: dict[str, Any]) -> Iterator[None]:
+    """Release the lock this run holds when the block raises, then let the error through."""
+    try:
+        yield
     except BaseException:
         if lock["value"] and not lock["released"]:
             # The original error is what the caller must see, so a failed release is left to the lock's expiry.
