@@ -105,7 +105,6 @@ class PoolBackend(Protocol):
 
     def read(self, own: Sequence[ProcessState], redis_client: Any, namespace_prefix: str, now: float) -> BackendReading:
         """Read the process count the backend is set to. Raises one of BACKEND_ERRORS."""
-        ...
 
     def scale(
         self,
@@ -117,7 +116,6 @@ class PoolBackend(Protocol):
         check_mode: bool,
     ) -> BackendOutcome:
         """Scale towards `target` processes; in check mode, plan only. Raises one of BACKEND_ERRORS."""
-        ...
 
 
 class KubernetesPool:

@@ -374,10 +374,10 @@ class EcsBackend(MemberScaler):
         """Plan the run for the policy's desired process count; pure, so check mode can return it as it is."""
         return plan_scaling(reading, desired_processes)
 
-    def _protect(self, arns: Sequence[str], enabled: bool) -> None:
-        """Turn protection on (for protection_minutes) or off; raise AwsRequestError when ECS fails any task."""
+    def _protect(self, ids: Sequence[str], enabled: bool) -> None:
+        """Turn protection of the task ARNs on (for protection_minutes) or off; raise AwsRequestError on failure."""
         failures: list[str] = []
-        for batch in chunks(arns, PROTECTION_BATCH):
+        for batch in chunks(ids, PROTECTION_BATCH):
             params: dict[str, Any] = {"cluster": self.cluster, "tasks": batch, "protectionEnabled": enabled}
             if enabled:
                 params["expiresInMinutes"] = self.protection_minutes

@@ -372,7 +372,7 @@ unreadable_hosts:
   sample: {worker3: "unreachable: Failed to connect to the host via ssh"}
 """
 
-from typing import Any
+from typing import Any, NoReturn
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -419,8 +419,10 @@ def argument_spec() -> dict[str, dict[str, Any]]:
     return spec
 
 
-def fail_invalid(module: AnsibleModule, errors: list[str]) -> None:
+def fail_invalid(module: AnsibleModule, errors: list[str]) -> NoReturn:
     module.fail_json(msg="Invalid autoscale settings; nothing was changed: " + " | ".join(errors), errors=errors)
+    # fail_json exits the process; its type hints do not say so.
+    raise AssertionError("fail_json returned")
 
 
 def build_request(module: AnsibleModule) -> PlanRequest:
@@ -465,7 +467,6 @@ def run_backend(module: AnsibleModule, settings: RedisSettings) -> dict[str, Any
     request, errors = build_api_request(module.params, module.check_mode)
     if request is None:
         fail_invalid(module, errors)
-    assert request is not None  # fail_json exits the module
     if module.params["instances"]:
         module.warn(f"instances is read only by the systemd backend, so it was ignored for {request.backend}.")
     client = connect(settings)
