@@ -91,6 +91,7 @@ class OurPolicy:
             idle_processes=observation.idle_processes,
             longest_running=self._longest_running(observation),
             upcoming=observation.upcoming if self.full_signals else None,
+            quiet_busy=observation.quiet_busy,
         )
 
     def _longest_running(self, observation: Observation) -> float | None:

@@ -106,6 +106,7 @@ class Observation:
         longest_running: age in seconds of the oldest running job.
         processed: jobs finished since the start.
         upcoming: scheduled jobs that come due within the next `upcoming_window` seconds.
+        quiet_busy: the part of `busy` that runs in quiet processes.
     """
 
     now: float
@@ -121,6 +122,7 @@ class Observation:
     processed: int
     upcoming: int = 0
     queue_latency: float = 0.0
+    quiet_busy: int = 0
 
     @property
     def backlog(self) -> int:
@@ -418,7 +420,7 @@ class Simulation:
         latency = queue_latency
         if self.scheduled_due:
             latency = max(latency, now - self.scheduled_due[0].due)
-        busy = running = idle = 0
+        busy = running = idle = quiet_busy = 0
         oldest_start = now
         for process in self.processes:
             busy += process.busy
@@ -426,6 +428,8 @@ class Simulation:
                 running += 1
                 if process.busy == 0:
                     idle += 1
+            elif process.state == QUIET:
+                quiet_busy += process.busy
             for job in process.jobs:
                 oldest_start = min(oldest_start, job.started)
         return Observation(
@@ -442,6 +446,7 @@ class Simulation:
             processed=self.processed,
             upcoming=self.upcoming(now),
             queue_latency=queue_latency,
+            quiet_busy=quiet_busy,
         )
 
     def upcoming(self, now: float) -> int:

@@ -69,7 +69,7 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.policy import (
     PoolSignals,
     decide,
 )
-from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.redis_connection import RedisSettings
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.redis_connection import RedisAccessError, RedisSettings
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws import AwsError
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_kubernetes import KubernetesError
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state import read_state
@@ -320,8 +320,9 @@ def run_api(
 ) -> dict[str, Any]:
     """Run one decision and scaling for every selected pool. Return the module result without `changed`.
 
-    Raises AutoscaleError when the lock is lost, or the reader's RedisAccessError subclasses. Backend errors do
-    not raise: they are in the pool's outcome and in `problems`. The lock is released whenever this function
+    Raises the reader's RedisAccessError subclasses, and AutoscaleError when the lock is lost or Redis fails once
+    a backend may have changed (the message names the backends already changed). Backend errors do not raise:
+    they are in the pool's outcome and in `problems`. The lock is released whenever this function
     raises after taking it.
     """
     keys = FleetKeys.for_fleet(request.fleet, namespace_prefix)
@@ -377,29 +378,30 @@ def _scale_and_store(
     contexts, record = _pool_contexts(request, state, stored, warnings)
 
     outcomes: list[ApiPoolOutcome] = []
-    for context in contexts:
-        if lock["value"] and not extend_lock(client, keys, lock["value"], pool_lock_ttl()):
-            done = ", ".join(outcome.name for outcome in outcomes) or "none"
-            raise AutoscaleError(
-                f"The lock {keys.lock} expired before pool {context.name} was scaled (pools scaled before: {done}); "
-                f"another run may have taken over, so this run stops without storing its decisions. A backend took "
-                f"longer than {pool_lock_ttl()} s: check the API's response times."
-            )
-        backend = request.backends[context.name]
-        outcomes.append(scale_pool(context, backend, state, client, namespace_prefix, request.check_mode))
+    try:
+        for context in contexts:
+            if lock["value"] and not extend_lock(client, keys, lock["value"], pool_lock_ttl()):
+                raise AutoscaleError(
+                    f"The lock {keys.lock} expired before pool {context.name} was scaled; another run may have "
+                    f"taken over, so this run stops here. A backend took longer than {pool_lock_ttl()} s: check "
+                    "the API's response times."
+                )
+            backend = request.backends[context.name]
+            outcome = scale_pool(context, backend, state, client, namespace_prefix, request.check_mode)
+            outcomes.append(outcome)
+            if lock["value"] and outcome.status == ACT and outcome.state:
+                # Stored at once, so that the cooldowns of a pool that changed hold even if a later pool fails.
+                _store(client, keys, lock, {pool_field(outcome.name): json.dumps(outcome.state.to_dict())})
 
-    if not request.check_mode:
-        fields = {
-            pool_field(outcome.name): json.dumps(outcome.state.to_dict()) for outcome in outcomes if outcome.state
-        }
-        fields[FLEET_FIELD] = record.to_json()
-        if not write_state(client, keys, lock["value"], fields, release=True):
-            raise AutoscaleError(
-                f"The lock {keys.lock} expired before this run stored its decisions (after less than {lock['ttl']} "
-                "s); the backends' changes stand, but the policy state of this run was not stored. Check for a "
-                "slow Redis or API."
-            )
-        lock["released"] = True
+        if not request.check_mode:
+            fields = {
+                pool_field(outcome.name): json.dumps(outcome.state.to_dict()) for outcome in outcomes if outcome.state
+            }
+            fields[FLEET_FIELD] = record.to_json()
+            _store(client, keys, lock, fields, release=True)
+            lock["released"] = True
+    except (AutoscaleError, RedisAccessError) as error:
+        raise AutoscaleError(f"{error} {_changed_so_far(outcomes)}") from error
 
     problems = [problem for problem in (outcome.problem for outcome in outcomes) if problem]
     return {
@@ -417,6 +419,25 @@ def _scale_and_store(
         "diff": count_diff(outcomes),
         "changed": any(outcome.status == ACT for outcome in outcomes),
     }
+
+
+def _store(
+    client: Any, keys: FleetKeys, lock: Mapping[str, Any], fields: Mapping[str, str], release: bool = False
+) -> None:
+    """Write state fields while this run holds the lock; raise AutoscaleError when the lock has expired."""
+    if not write_state(client, keys, lock["value"], fields, release=release):
+        raise AutoscaleError(
+            f"The lock {keys.lock} expired before this run stored its decisions (after less than {lock['ttl']} s); "
+            "another run may have taken over. Check for a slow Redis or API."
+        )
+
+
+def _changed_so_far(outcomes: Sequence[ApiPoolOutcome]) -> str:
+    """Return a sentence naming the pools whose backend this run already changed, for an error message."""
+    changed = [f"{outcome.name} (to {outcome.target})" for outcome in outcomes if outcome.status == ACT]
+    if not changed:
+        return "No backend was changed."
+    return f"Backends already changed: {', '.join(changed)}; those changes stand, and the next run reads them."
 
 
 def build_api_request(params: Mapping[str, Any], check_mode: bool) -> tuple[ApiRequest | None, list[str]]:

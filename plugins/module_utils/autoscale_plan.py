@@ -350,12 +350,16 @@ def actions_by_host(
 
 def count_diff(outcomes: Sequence[PoolOutcome]) -> dict[str, str]:
     """Return the --diff view: process counts per pool before and after the plan."""
-    before = "".join(f"{outcome.name}: {outcome.current} processes\n" for outcome in outcomes)
+    before = "".join(f"{outcome.name}: {_count_text(outcome.current)}\n" for outcome in outcomes)
     after = "".join(
-        f"{outcome.name}: {outcome.target if outcome.target is not None else outcome.current} processes\n"
+        f"{outcome.name}: {_count_text(outcome.target if outcome.target is not None else outcome.current)}\n"
         for outcome in outcomes
     )
     return {"before": before, "after": after}
+
+
+def _count_text(count: int | None) -> str:
+    return "unknown (the backend could not be read)" if count is None else f"{count} processes"
 
 
 def summary(fleet: str, outcomes: Sequence[PoolOutcome], starts: int, stops: int) -> str:

@@ -141,6 +141,7 @@ def backend_signals(
         throughput=throughput,
         requested=requested,
         idle_processes=sum(1 for process in active if process.busy == 0),
+        quiet_busy=sum(process.busy for process in own if process.quiet),
         longest_running=_longest_running(pool_state, own, now),
         upcoming=pool_state.upcoming,
     )

@@ -11,20 +11,27 @@ Keys, under the app's namespace prefix when it uses redis-namespace:
   run. Writes go through a Lua script that checks the lock first, so only the lock holder writes. The hash
   expires STATE_TTL seconds after the last write, so the state of a fleet that is no longer scaled goes away.
 
-The Redis user needs GET, SET, PEXPIRE, PTTL, DEL, HGETALL, HSET, EXPIRE, EVAL and EVALSHA on these keys; the
-sidekiq role's Redis user (``~* +@all -@admin ...``) has them.
+The Redis user needs GET, SET, PEXPIRE, PTTL, DEL, HGETALL, HSET, EXPIRE, EVAL, EVALSHA and SCRIPT LOAD on these
+keys; the sidekiq role's Redis user (``~* +@all -@admin ...``) has them. Every function here raises the
+RedisAccessError subclasses of redis_connection, never redis-py's own errors.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
+
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.redis_connection import translate_redis_error
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 KEY_ROOT = "sidekiq-ops:autoscale"
 FLEET_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -110,11 +117,29 @@ def new_lock_value(now: float | None = None) -> str:
     return f"{secrets.token_hex(16)} host={socket.gethostname()} since={started}"
 
 
+def _redis_errors_translated(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Wrap a function that calls Redis so that redis-py's errors become RedisAccessError subclasses."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            # By class name, so that this file imports without redis-py.
+            if not any(cls.__name__ == "RedisError" for cls in type(error).__mro__):
+                raise
+            raise translate_redis_error(error) from error
+
+    return wrapper
+
+
+@_redis_errors_translated
 def acquire_lock(client: Any, keys: FleetKeys, value: str, ttl_seconds: float) -> bool:
     """Take the fleet's lock with SET NX PX; return False when another run holds it."""
     return bool(client.set(keys.lock, value, nx=True, px=max(1, int(ttl_seconds * 1000))))
 
 
+@_redis_errors_translated
 def lock_holder(client: Any, keys: FleetKeys) -> LockHolder:
     """Read the value and remaining time of a held lock; both in one round trip."""
     pipeline = client.pipeline(transaction=False)
@@ -125,12 +150,14 @@ def lock_holder(client: Any, keys: FleetKeys) -> LockHolder:
     return LockHolder(value=value, expires_in=pttl / 1000.0 if isinstance(pttl, int) and pttl >= 0 else None)
 
 
+@_redis_errors_translated
 def extend_lock(client: Any, keys: FleetKeys, value: str, ttl_seconds: float) -> bool:
     """Make the lock last at least `ttl_seconds` more while this run holds it; return whether it still does."""
     script = client.register_script(EXTEND_LUA)
     return bool(script(keys=[keys.lock], args=[value, max(1, int(ttl_seconds * 1000))]))
 
 
+@_redis_errors_translated
 def write_state(client: Any, keys: FleetKeys, value: str, fields: Mapping[str, str], release: bool = False) -> bool:
     """Write state fields (and release the lock) only while this run holds the lock; return whether it did."""
     arguments: list[str] = [value, "release" if release else "keep", str(STATE_TTL)]
@@ -149,6 +176,7 @@ def pool_field(pool: str) -> str:
     return f"{POOL_FIELD_PREFIX}{pool}"
 
 
+@_redis_errors_translated
 def load_state(client: Any, keys: FleetKeys) -> dict[str, Any]:
     """Read the state hash and decode its JSON fields.
 

@@ -157,6 +157,7 @@ class PoolSignals:
         upcoming: scheduled and retry jobs of the pool that come due within the next UPCOMING_WINDOW seconds
             (a ZCOUNT on the sorted sets); None when unknown, and then the pool cannot grow before a batch of
             scheduled jobs comes due.
+        quiet_busy: the part of `busy` that runs in quiet processes, which `capacity` leaves out.
     """
 
     backlog: int
@@ -171,9 +172,10 @@ class PoolSignals:
     idle_processes: int | None = None
     longest_running: float | None = None
     upcoming: int | None = None
+    quiet_busy: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("backlog", "busy", "processes", "capacity"):
+        for name in ("backlog", "busy", "processes", "capacity", "quiet_busy"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"signal {name} {value!r} is invalid; it must be an integer >= 0")
@@ -775,7 +777,8 @@ def _saturated_by_long_jobs(signals: PoolSignals, settings: PolicySettings, stat
     process, even when the model says the threads suffice. With short jobs only, a full pool catches up by itself
     and this rule stays out of the way.
     """
-    if signals.capacity <= 0 or signals.busy < signals.capacity or not signals.backlog:
+    # Threads of quiet processes finish their jobs and fetch no more, so only the others can be saturated.
+    if signals.capacity <= 0 or signals.busy - signals.quiet_busy < signals.capacity or not signals.backlog:
         return False
     if signals.latency < SATURATION_LATENCY * settings.target_latency:
         return False

@@ -140,7 +140,8 @@ notes:
     two runs are shared out by each pool's busy threads, which is exact only when the pools' jobs take equally
     long.
   - The Redis user needs the commands of M(sidekiq_ops.fleet.queue_info) plus C(SET), C(DEL), C(PEXPIRE),
-    C(PTTL), C(HGETALL), C(HSET) and C(EXPIRE) on the keys C(sidekiq-ops:autoscale:*). The API backends also
+    C(PTTL), C(HGETALL), C(HSET), C(EXPIRE), C(EVAL), C(EVALSHA) and C(SCRIPT LOAD) on the keys
+    C(sidekiq-ops:autoscale:*) (the lock and the state are written by Lua scripts). The API backends also
     send C(LPUSH) and C(EXPIRE) to C(<identity>-signals) to quiet processes, and the AWS backends keep
     C(HSET) and C(HDEL) records under C(sidekiq-ops:autoscale:aws:*).
   - The V(kubernetes) backend needs C(get) and C(patch) on C(deployments/scale) and C(list) and C(patch) on

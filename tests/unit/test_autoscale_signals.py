@@ -198,6 +198,7 @@ def test_signals_from_pool_processes_and_units() -> None:
     assert result.idle_processes == 1
     assert result.requested == 4
     assert result.throughput == 2.5
+    assert result.quiet_busy == 1
 
 
 def test_signals_busy_takes_the_queue_count_when_larger() -> None:

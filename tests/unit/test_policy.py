@@ -8,7 +8,7 @@ import math
 import random
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -861,3 +861,10 @@ def test_saturation_counts_long_jobs_seen_within_the_memory() -> None:
     decision = decide(saturated_signals(longest_running=12.0), settings(), state)
     assert decision.action == SCALE_OUT
     assert decision.desired == 4
+
+
+def test_saturation_leaves_out_threads_of_quiet_processes() -> None:
+    state = warmed_state(rate=2.0, service=10.0, busy=20, runs=20)
+    draining = replace(saturated_signals(longest_running=300.0), busy=34, capacity=30, quiet_busy=5)
+    decision = decide(draining, settings(), state)
+    assert decision.action == HOLD
