@@ -33,6 +33,7 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_ecs 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_kubernetes import (
     KUBERNETES_ARGUMENT_SPEC,
     ClientApi,
+    DeploymentState,
     KubernetesApi,
     KubernetesBackend,
     KubernetesError,
@@ -119,7 +120,10 @@ class PoolBackend(Protocol):
 
 
 class KubernetesPool:
-    """A pool's Deployment ``sidekiq-<pool>``, one Sidekiq process per pod."""
+    """A pool's Deployment ``sidekiq-<pool>``, one Sidekiq process per pod.
+
+    The requested process count is spec.replicas without the quiet pods, which the next scale removes first.
+    """
 
     def __init__(self, api: KubernetesApi, namespace: str, pool: str) -> None:
         self.api = api
@@ -132,7 +136,7 @@ class KubernetesPool:
 
     def read(self, own: Sequence[ProcessState], redis_client: Any, namespace_prefix: str, now: float) -> BackendReading:
         state = self._backend(redis_client, namespace_prefix).read(self.deployment, own)
-        return BackendReading(requested=state.replicas, details=state.to_dict(), handle=state)
+        return BackendReading(requested=state.requested, details=state.to_dict(), handle=state)
 
     def scale(
         self,
@@ -143,7 +147,8 @@ class KubernetesPool:
         namespace_prefix: str,
         check_mode: bool,
     ) -> BackendOutcome:
-        if target == reading.requested:
+        state: DeploymentState = reading.handle
+        if target == reading.requested and not state.quiet_pods:
             return BackendOutcome(reached=reading.requested, changed=False, details={"reading": reading.details})
         # scale() reads the Deployment again and plans from that reading, so a change since `reading` is respected.
         result = self._backend(redis_client, namespace_prefix).scale(
@@ -162,7 +167,7 @@ class KubernetesPool:
                     + (f" after {result.conflicts} conflicts." if result.conflicts else ".")
                 )
         return BackendOutcome(
-            reached=result.after,
+            reached=result.requested_after,
             changed=result.changed or bool(result.deletion_costs or result.quieted),
             actions=actions,
             notes=list(result.notes),

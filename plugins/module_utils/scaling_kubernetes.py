@@ -3,21 +3,31 @@
 A pool runs as the Deployment ``sidekiq-<pool>``. Sidekiq names each process ``<hostname>:<pid>:<nonce>`` and the
 hostname inside a pod is the pod's name, so a pod is matched to its Sidekiq processes by that name.
 
-Scaling to N replicas:
+The process count the Deployment is set to (``requested``) is ``spec.replicas`` minus its quiet pods: pods whose
+every Sidekiq process is quiet fetch no jobs, yet count as replicas until a scale-in removes them.
 
-- scale-out patches ``spec.replicas`` of the Deployment's scale subresource;
-- scale-in first chooses the pods to remove in the order the ReplicaSet controller removes them (unscheduled, pending,
-  not ready, then lowest ``controller.kubernetes.io/pod-deletion-cost``), preferring quiet and idle pods among
-  equals. It writes a low deletion cost on the chosen pods and a cost equal to their busy threads on the others.
-  Then it quiets the chosen pods' Sidekiq processes through Redis (``LPUSH <identity>-signals TSTP``, which Sidekiq
-  reads within one heartbeat), and only then patches the scale subresource.
+Scaling towards N processes:
+
+- scale-out patches ``spec.replicas`` of the Deployment's scale subresource; quiet pods stay in the count;
+- otherwise the target is N replicas, so that the quiet pods go first, even when N equals ``requested``. A scale-in
+  first chooses the pods to remove in the order the ReplicaSet controller removes them (unscheduled, pending, not
+  ready, then lowest ``controller.kubernetes.io/pod-deletion-cost``), preferring quiet and idle pods among equals.
+  It never removes a busy pod, or a running pod whose process is not in Redis, while a ready idle or quiet pod
+  stays: it removes only the removable pods at the front of that order and reports the rest as held. It writes a
+  low deletion cost on the chosen pods and a cost equal to their busy threads on the others. Then it quiets the
+  chosen pods' Sidekiq processes through Redis (``LPUSH <identity>-signals TSTP``, which Sidekiq reads within one
+  heartbeat), and only then patches the scale subresource. When that patch fails, the quieted pods count out of
+  ``requested`` in the next run, which removes them first;
+- while the Deployment rolls out, a scale-in is held, because the controller then spreads it over the old and the
+  new ReplicaSet without regard to deletion costs. A scale-out still proceeds.
 
 The scale patch carries the resourceVersion that was read, so a concurrent change gives 409 Conflict. The backend
 then reads again and plans again, up to ``max_attempts`` times. Other API errors raise a ``KubernetesError``
 subclass whose message names the object, the HTTP status, the API server's message and the next step.
 
-The API calls need, in the pool's namespace: ``get`` on ``deployments/scale`` (read), ``patch`` on
-``deployments/scale`` (scale), ``list`` on ``pods`` (read) and ``patch`` on ``pods`` (deletion cost).
+The API calls need, in the pool's namespace: ``get`` on ``deployments`` (rollout status) and on
+``deployments/scale`` (read), ``patch`` on ``deployments/scale`` (scale), ``list`` on ``pods`` (read) and ``patch``
+on ``pods`` (deletion cost).
 
 Connection options have the names and environment variables of kubernetes.core (``kubeconfig``, ``context``,
 ``host``, ``api_key``, ...; ``K8S_AUTH_*``). The ``kubernetes`` Python client is imported only when a client is
@@ -53,6 +63,8 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 SIGNAL_TTL_SECONDS = 60
 # Phase order of the ReplicaSet controller when it removes pods: earlier phases go first.
 PHASE_RANK = {"Pending": 0, "Unknown": 1, "Running": 2}
+# Reason of a Deployment's Progressing condition while its controller brings up pods of the new ReplicaSet.
+PROGRESSING_REASON = "ReplicaSetUpdated"
 
 # Options as kubernetes.core names them, with their K8S_AUTH_* environment variables, for a module to merge into its
 # argument spec. `no_log` keeps credentials out of logs and results. kubernetes.core's username and password are
@@ -246,6 +258,32 @@ class ScaleReading:
 
 
 @dataclass(frozen=True)
+class RolloutReading:
+    """The fields of a Deployment that tell whether a rollout is in progress.
+
+    Attributes:
+        generation: metadata.generation, raised by every change of the spec (a replicas change included).
+        observed_generation: status.observedGeneration, the generation the Deployment controller has acted on.
+        replicas: spec.replicas.
+        status_replicas: status.replicas, the pods of all its ReplicaSets that are not terminating.
+        updated_replicas: status.updatedReplicas, those of them that run the current pod template.
+        unavailable_replicas: status.unavailableReplicas.
+        progressing_reason: reason of the Progressing condition, such as "ReplicaSetUpdated" while the controller
+            brings up pods of the new ReplicaSet and "NewReplicaSetAvailable" once they are available.
+        paused: spec.paused.
+    """
+
+    generation: int
+    observed_generation: int
+    replicas: int
+    status_replicas: int
+    updated_replicas: int
+    unavailable_replicas: int
+    progressing_reason: str | None
+    paused: bool = False
+
+
+@dataclass(frozen=True)
 class PodReading:
     """The fields of one pod that the removal order needs."""
 
@@ -259,9 +297,11 @@ class PodReading:
 
 
 class KubernetesApi(Protocol):
-    """The four API calls of this backend; `ClientApi` implements them with the official client."""
+    """The five API calls of this backend; `ClientApi` implements them with the official client."""
 
     def read_scale(self, namespace: str, name: str) -> ScaleReading: ...
+
+    def read_rollout(self, namespace: str, name: str) -> RolloutReading: ...
 
     def patch_scale(self, namespace: str, name: str, replicas: int, resource_version: str) -> ScaleReading: ...
 
@@ -290,6 +330,13 @@ class ClientApi:
             lambda: self._apps.read_namespaced_deployment_scale(name, namespace, _request_timeout=self._timeout),
         )  # fmt: skip
         return _scale_reading(scale)
+
+    def read_rollout(self, namespace: str, name: str) -> RolloutReading:
+        deployment = self._call(
+            "read", f"deployment {namespace}/{name}",
+            lambda: self._apps.read_namespaced_deployment(name, namespace, _request_timeout=self._timeout),
+        )  # fmt: skip
+        return _rollout_reading(deployment)
 
     def patch_scale(self, namespace: str, name: str, replicas: int, resource_version: str) -> ScaleReading:
         body = {"metadata": {"resourceVersion": resource_version}, "spec": {"replicas": replicas}}
@@ -344,6 +391,24 @@ def _scale_reading(scale: Any) -> ScaleReading:
     )
 
 
+def _rollout_reading(deployment: Any) -> RolloutReading:
+    metadata = deployment.metadata
+    spec = deployment.spec
+    status = deployment.status
+    conditions = (status.conditions or []) if status else []
+    progressing = next((condition for condition in conditions if condition.type == "Progressing"), None)
+    return RolloutReading(
+        generation=int(metadata.generation or 0),
+        observed_generation=int(status.observed_generation or 0) if status else 0,
+        replicas=int(spec.replicas or 0) if spec else 0,
+        status_replicas=int(status.replicas or 0) if status else 0,
+        updated_replicas=int(status.updated_replicas or 0) if status else 0,
+        unavailable_replicas=int(status.unavailable_replicas or 0) if status else 0,
+        progressing_reason=progressing.reason if progressing else None,
+        paused=bool(spec.paused) if spec else False,
+    )
+
+
 def _pod_reading(pod: Any) -> PodReading:
     metadata = pod.metadata
     status = pod.status
@@ -381,8 +446,8 @@ def translate_api_error(verb: str, target: str, status: int, body: str) -> Kuber
         )
     if status == 403:
         return KubernetesPermissionError(
-            f"Not allowed to {verb} {target} (403): {detail} Grant the ServiceAccount or user a Role with get and "
-            "patch on deployments/scale and get, list and patch on pods in that namespace."
+            f"Not allowed to {verb} {target} (403): {detail} Grant the ServiceAccount or user a Role with get on "
+            "deployments, get and patch on deployments/scale, and get, list and patch on pods in that namespace."
         )
     if status == 404:
         return KubernetesNotFoundError(
@@ -437,7 +502,11 @@ class PodState:
 
 @dataclass(frozen=True)
 class DeploymentState:
-    """A pool's Deployment as read: the scale subresource and the pods that count towards its replicas."""
+    """A pool's Deployment as read: the scale subresource, its rollout status and the pods that count as replicas.
+
+    Attributes:
+        rollout_reason: why the Deployment is rolling out, or None when it is not (see `rollout_reason`).
+    """
 
     namespace: str
     deployment: str
@@ -446,11 +515,17 @@ class DeploymentState:
     selector: str
     resource_version: str
     pods: tuple[PodState, ...]
+    rollout_reason: str | None = None
 
     @property
     def quiet_pods(self) -> tuple[str, ...]:
         """Pods whose every Sidekiq process is quiet: they fetch no jobs, yet count as replicas."""
         return tuple(pod.name for pod in self.pods if pod.quiet)
+
+    @property
+    def requested(self) -> int:
+        """The process count the Deployment is set to: spec.replicas without its quiet pods."""
+        return max(self.replicas - len(self.quiet_pods), 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -458,7 +533,10 @@ class DeploymentState:
             "deployment": self.deployment,
             "replicas": self.replicas,
             "status_replicas": self.status_replicas,
+            "requested": self.requested,
             "selector": self.selector,
+            "rolling_out": self.rollout_reason is not None,
+            "rollout_reason": self.rollout_reason,
             "pods": [pod.to_dict() for pod in self.pods],
             "quiet_pods": list(self.quiet_pods),
         }
@@ -466,10 +544,45 @@ class DeploymentState:
 
 @dataclass(frozen=True)
 class ScaleInPlan:
-    """The pods a scale-in removes and the deletion cost every pod should carry."""
+    """The pods a scale-in removes, the deletion cost every pod should carry, and the removals it holds back.
+
+    Attributes:
+        held_count: how many of the requested removals the plan holds back.
+        blocking: the pods that made it hold back: busy (or not matched to a process) and ahead of a ready idle or
+            quiet pod in the ReplicaSet controller's order.
+    """
 
     removals: tuple[PodState, ...]
     costs: dict[str, int]
+    held_count: int = 0
+    blocking: tuple[PodState, ...] = ()
+
+
+def rollout_reason(rollout: RolloutReading) -> str | None:
+    """Return why the Deployment is rolling out, or None when it is not.
+
+    It is rolling out while its controller has not acted on the latest spec, and while some of its pods run an
+    older pod template (a rollout in progress or paused). It is also rolling out while replicas are unavailable
+    and the Progressing condition reports ReplicaSetUpdated.
+    NOTE: the Deployment controller may also report ReplicaSetUpdated while the pods of a plain scale-out become
+    available, so a scale-in right after a scale-out waits for them as well.
+    """
+    if rollout.observed_generation < rollout.generation:
+        return (
+            f"its controller has not yet acted on generation {rollout.generation} of the spec (observed generation "
+            f"{rollout.observed_generation})"
+        )
+    old = rollout.status_replicas - rollout.updated_replicas
+    if old > 0:
+        paused = ", and the rollout is paused" if rollout.paused else ""
+        verb = "runs" if old == 1 else "run"
+        return f"{old} of its {rollout.status_replicas} pods {verb} an older pod template{paused}"
+    if rollout.unavailable_replicas > 0 and rollout.progressing_reason == PROGRESSING_REASON:
+        replicas = (
+            "1 replica is" if rollout.unavailable_replicas == 1 else f"{rollout.unavailable_replicas} replicas are"
+        )
+        return f"{replicas} unavailable while the Progressing condition reports {PROGRESSING_REASON}"
+    return None
 
 
 def match_pods(pods: Iterable[PodReading], processes: Iterable[ProcessState]) -> tuple[PodState, ...]:
@@ -525,14 +638,43 @@ def removal_key(pod: PodState) -> tuple[Any, ...]:
     )
 
 
+def is_removable(pod: PodState) -> bool:
+    """Return whether a scale-in may remove the pod while a ready idle pod stays.
+
+    True when its Sidekiq processes are quiet (chosen to leave already) or idle, and when the pod has not started
+    (unscheduled or Pending) and no process of it is in Redis. A busy pod, or a started pod whose process is not in
+    Redis and whose jobs therefore cannot be seen, is not removable.
+    """
+    if pod.quiet or pod.busy == 0:
+        return True
+    return pod.busy is None and (not pod.node_name or pod.phase == "Pending")
+
+
+def _is_spare(pod: PodState) -> bool:
+    return pod.ready and (pod.quiet or pod.busy == 0)
+
+
 def plan_scale_in(pods: Sequence[PodState], count: int) -> ScaleInPlan:
-    """Choose `count` pods to remove and the deletion cost of every pod.
+    """Choose up to `count` pods to remove and the deletion cost of every pod.
+
+    The ReplicaSet controller removes pods in `removal_key` order, and deletion costs reorder only pods of equal
+    rank. When a pod that is not removable (see `is_removable`) would go while a ready idle or quiet pod stays, the
+    plan removes only the removable pods at the front of that order and holds the rest back.
 
     The removed pods get REMOVAL_COST. Kept pods get their busy thread count, or UNKNOWN_BUSY_COST when their
     process is not in Redis, so a later scale-in by anyone else also removes idle pods first.
     """
     ordered = sorted(pods, key=removal_key)
-    removals = tuple(ordered[: max(0, min(count, len(ordered)))])
+    requested = max(0, min(count, len(ordered)))
+    front = 0
+    while front < requested and is_removable(ordered[front]):
+        front += 1
+    planned = requested
+    blocking: tuple[PodState, ...] = ()
+    if front < requested and any(_is_spare(pod) for pod in ordered[requested:]):
+        planned = front
+        blocking = tuple(pod for pod in ordered[front:requested] if not is_removable(pod))
+    removals = tuple(ordered[:planned])
     removed = {pod.name for pod in removals}
     costs: dict[str, int] = {}
     for pod in pods:
@@ -540,7 +682,34 @@ def plan_scale_in(pods: Sequence[PodState], count: int) -> ScaleInPlan:
             costs[pod.name] = REMOVAL_COST
         else:
             costs[pod.name] = UNKNOWN_BUSY_COST if pod.busy is None else pod.busy
-    return ScaleInPlan(removals=removals, costs=costs)
+    return ScaleInPlan(removals=removals, costs=costs, held_count=requested - planned, blocking=blocking)
+
+
+def held_note(plan: ScaleInPlan) -> str | None:
+    """Return the note that explains the removals a plan holds back, or None when it holds none."""
+    if not plan.held_count:
+        return None
+    reasons = "; ".join(_describe_blocking(pod) for pod in plan.blocking)
+    pronoun = "it" if len(plan.blocking) == 1 else "them"
+    pods = "pod" if plan.held_count == 1 else "pods"
+    return (
+        f"Holding {plan.held_count} {pods} of the scale-in: {reasons}, so the ReplicaSet controller would remove "
+        f"{pronoun} before a ready idle or quiet pod. The scale-in goes on once {pronoun} turn ready, idle or gone."
+    )
+
+
+def _describe_blocking(pod: PodState) -> str:
+    if pod.busy is None:
+        work = "has no Sidekiq process in Redis, so its jobs cannot be seen,"
+    else:
+        work = f"runs {pod.busy} job" + ("" if pod.busy == 1 else "s")
+    if not pod.ready:
+        rank = "is not ready"
+    elif pod.phase != "Running":
+        rank = f"is in phase {pod.phase}"
+    else:
+        rank = "comes first in the controller's order"
+    return f"pod {pod.name} {work} and {rank}"
 
 
 # --- Scaling ----------------------------------------------------------------------------------------------------
@@ -553,6 +722,8 @@ class ScaleResult:
     Attributes:
         before: spec.replicas when the last attempt read the Deployment.
         after: the replicas the Deployment has now (check mode: would have).
+        requested_after: the process count the Deployment is set to now (check mode: would be): `after` without
+            the quiet pods that stay.
         removals: the pods chosen for removal, in removal order (scale-in only).
         deletion_costs: the annotations written (check mode: to write), by pod name; pods already carrying the
             right cost are left out.
@@ -564,6 +735,7 @@ class ScaleResult:
     deployment: str
     before: int
     after: int
+    requested_after: int = 0
     check_mode: bool = False
     changed: bool = False
     removals: list[str] = field(default_factory=list)
@@ -572,12 +744,18 @@ class ScaleResult:
     conflicts: int = 0
     notes: list[str] = field(default_factory=list)
 
+    def add_note(self, note: str) -> None:
+        """Append a note unless an earlier attempt added the same one."""
+        if note not in self.notes:
+            self.notes.append(note)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "namespace": self.namespace,
             "deployment": self.deployment,
             "before": self.before,
             "after": self.after,
+            "requested_after": self.requested_after,
             "check_mode": self.check_mode,
             "changed": self.changed,
             "removals": list(self.removals),
@@ -613,13 +791,14 @@ class KubernetesBackend:
         self.max_attempts = max_attempts
 
     def read(self, deployment: str, processes: Iterable[ProcessState]) -> DeploymentState:
-        """Read the Deployment's scale subresource and its pods, joined with the Sidekiq processes."""
+        """Read the Deployment's scale subresource, rollout status and pods, joined with the Sidekiq processes."""
         scale = self.api.read_scale(self.namespace, deployment)
         if not scale.selector:
             raise KubernetesApiError(
                 f"deployments/scale {self.namespace}/{deployment} has no status.selector, so its pods cannot be "
                 "found; check that the Deployment has a selector and that its controller has observed it."
             )
+        rollout = self.api.read_rollout(self.namespace, deployment)
         pods = self.api.list_pods(self.namespace, scale.selector)
         return DeploymentState(
             namespace=self.namespace,
@@ -629,33 +808,77 @@ class KubernetesBackend:
             selector=scale.selector,
             resource_version=scale.resource_version,
             pods=match_pods(pods, processes),
+            rollout_reason=rollout_reason(rollout),
         )
 
     def scale(
-        self, deployment: str, replicas: int, processes: Iterable[ProcessState], *, check_mode: bool = False
+        self, deployment: str, target: int, processes: Iterable[ProcessState], *, check_mode: bool = False
     ) -> ScaleResult:
-        """Scale the Deployment to `replicas`; on scale-in, set deletion costs and quiet the removed pods first.
+        """Scale the Deployment towards `target` pods that are not quiet, removing quiet pods first.
+
+        A scale-out sets spec.replicas to `target` plus the quiet pods, which stay. Otherwise spec.replicas goes
+        to `target`, so the quiet pods go first, even when `target` equals the reading's `requested`. A scale-in
+        sets deletion costs and quiets the removed pods before it patches the replicas, holds back the pods that
+        `plan_scale_in` may not remove, and waits while the Deployment rolls out.
 
         Raises ValueError for a negative count, KubernetesConflictError when every attempt met a 409, QuietError
         when Redis refused a quiet signal (the scale patch is then not sent), and another KubernetesError
-        subclass for any other API failure.
+        subclass for any other API failure. When processes were quieted before the error, its message names them.
         """
-        if replicas < 0:
-            raise ValueError(f"replicas must be 0 or more, got {replicas}.")
-        known = list(processes)
+        if target < 0:
+            raise ValueError(f"target must be 0 or more, got {target}.")
         result = ScaleResult(self.namespace, deployment, before=0, after=0, check_mode=check_mode)
+        try:
+            return self._scale(deployment, target, list(processes), result, check_mode)
+        except KubernetesError as error:
+            if check_mode or not result.quieted:
+                raise
+            raise type(error)(
+                f"{error} The Sidekiq processes {', '.join(result.quieted)} were quieted (TSTP) before this error "
+                "and take no new jobs: the next autoscale run counts their pods out of the requested processes and "
+                "removes them first."
+            ) from error
+
+    def _scale(
+        self, deployment: str, target: int, known: list[ProcessState], result: ScaleResult, check_mode: bool
+    ) -> ScaleResult:
         signalled: set[str] = set()
         for _attempt in range(self.max_attempts):
             state = self.read(deployment, known)
-            result.before = state.replicas
-            result.after = state.replicas
+            # After a conflict the processes read before are stale: pods quieted by an earlier attempt count as
+            # quiet, so the new plan removes them first and no quieted pod is left running.
+            pods = [
+                replace(pod, quiet=True) if pod.identities and signalled.issuperset(pod.identities) else pod
+                for pod in state.pods
+            ]
+            quiet = [pod.name for pod in pods if pod.quiet]
+            requested = max(state.replicas - len(quiet), 0)
+            replicas = target if target <= requested else target + len(quiet)
+            result.before = result.after = state.replicas
+            result.requested_after = requested
             if replicas == state.replicas:
-                self._note_kept_quiet(result, state)
                 return result
             if replicas < state.replicas:
-                self._prepare_scale_in(state, replicas, result, signalled, check_mode)
+                if state.rollout_reason is not None:
+                    result.add_note(
+                        f"Holding the scale-in of deployment {self.namespace}/{deployment} from {state.replicas} to "
+                        f"{replicas} replicas: it is rolling out ({state.rollout_reason}), and during a rollout the "
+                        "controller spreads a scale-in over the old and new ReplicaSets without regard to "
+                        "pod-deletion-cost. A run after the rollout scales in."
+                    )
+                    return result
+                replicas = self._prepare_scale_in(state, pods, replicas, result, signalled, check_mode)
+                if replicas == state.replicas:
+                    return result
+            elif quiet:
+                result.add_note(
+                    f"The scale-out keeps the quiet pods {quiet} in the replicas; a later run that holds or scales "
+                    "in removes them first."
+                )
+            kept_quiet = len(set(quiet) - set(result.removals))
             if check_mode:
                 result.after = replicas
+                result.requested_after = max(replicas - kept_quiet, 0)
                 result.changed = True
                 return result
             try:
@@ -664,6 +887,7 @@ class KubernetesBackend:
                 result.conflicts += 1
                 continue
             result.after = scaled.replicas
+            result.requested_after = max(scaled.replicas - kept_quiet, 0)
             result.changed = True
             return result
         raise KubernetesConflictError(
@@ -673,21 +897,28 @@ class KubernetesBackend:
         )
 
     def _prepare_scale_in(
-        self, state: DeploymentState, replicas: int, result: ScaleResult, signalled: set[str], check_mode: bool
-    ) -> None:
-        # After a conflict the processes read before are stale: pods quieted by an earlier attempt count as quiet,
-        # so the new plan removes them first and no quieted pod is left running.
-        pods = [
-            replace(pod, quiet=True) if pod.identities and signalled.issuperset(pod.identities) else pod
-            for pod in state.pods
-        ]
-        plan = plan_scale_in(pods, state.replicas - replicas)
-        result.removals = [pod.name for pod in plan.removals]
-        missing = state.replicas - replicas - len(plan.removals)
-        if missing > 0:
-            result.notes.append(
-                f"{missing} of the replicas to remove have no pod yet; the ReplicaSet removes those first."
+        self,
+        state: DeploymentState,
+        pods: Sequence[PodState],
+        replicas: int,
+        result: ScaleResult,
+        signalled: set[str],
+        check_mode: bool,
+    ) -> int:
+        """Set the deletion costs and quiet the pods to remove; return the replicas to patch, held pods included."""
+        removal_count = state.replicas - replicas
+        # Replicas without a pod (not created yet, or blocked by a ResourceQuota) go without removing a pod.
+        pod_removals = min(removal_count, max(len(pods) - replicas, 0))
+        if removal_count > pod_removals:
+            result.add_note(
+                f"{removal_count - pod_removals} of the replicas to remove have no pod, so lowering replicas "
+                "removes no pod for them."
             )
+        plan = plan_scale_in(pods, pod_removals)
+        result.removals = [pod.name for pod in plan.removals]
+        note = held_note(plan)
+        if note:
+            result.add_note(note)
         for pod in pods:
             cost = plan.costs[pod.name]
             if pod.deletion_cost == cost:
@@ -696,12 +927,12 @@ class KubernetesBackend:
                 try:
                     self.api.annotate_pod(self.namespace, pod.name, {DELETION_COST_ANNOTATION: str(cost)})
                 except KubernetesNotFoundError:
-                    result.notes.append(f"Pod {pod.name} was gone before its deletion cost could be set.")
+                    result.add_note(f"Pod {pod.name} was gone before its deletion cost could be set.")
                     continue
             result.deletion_costs[pod.name] = cost
         for pod in plan.removals:
             if not pod.identities:
-                result.notes.append(
+                result.add_note(
                     f"Pod {pod.name} has no Sidekiq process in Redis (booting, or not matched by hostname), so it "
                     "was not quieted; TERM on removal still lets it finish its jobs within the stop budget."
                 )
@@ -713,6 +944,7 @@ class KubernetesBackend:
                     self._send_quiet(identity)
                 signalled.add(identity)
                 result.quieted.append(identity)
+        return replicas + plan.held_count
 
     def _send_quiet(self, identity: str) -> None:
         if self.redis_client is None:
@@ -731,13 +963,3 @@ class KubernetesBackend:
                 f"Could not quiet Sidekiq process {identity} through Redis, so the Deployment was not scaled in: "
                 f"{translated}"
             ) from error
-
-    @staticmethod
-    def _note_kept_quiet(result: ScaleResult, state: DeploymentState) -> None:
-        quieted = set(result.quieted)
-        kept = [pod.name for pod in state.pods if quieted.intersection(pod.identities)]
-        if kept:
-            result.notes.append(
-                f"The Deployment reached {state.replicas} replicas through another writer, and the quieted pods "
-                f"{kept} are still running: they take no new jobs, and the next scale-in removes them first."
-            )

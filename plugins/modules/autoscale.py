@@ -144,8 +144,10 @@ notes:
     C(sidekiq-ops:autoscale:*) (the lock and the state are written by Lua scripts). The API backends also
     send C(LPUSH) and C(EXPIRE) to C(<identity>-signals) to quiet processes, and the AWS backends keep
     C(HSET) and C(HDEL) records under C(sidekiq-ops:autoscale:aws:*).
-  - The V(kubernetes) backend needs C(get) and C(patch) on C(deployments/scale) and C(list) and C(patch) on
-    C(pods) in O(kubernetes_namespace).
+  - The V(kubernetes) backend needs C(get) on C(deployments), C(get) and C(patch) on C(deployments/scale) and
+    C(list) and C(patch) on C(pods) in O(kubernetes_namespace). It holds a scale-in while the Deployment rolls out,
+    and never lets the ReplicaSet controller remove a busy pod that is not ready ahead of an idle one. Pods whose
+    Sidekiq process is quiet count out of the current count and go first at the next change.
   - The V(aws_asg) backend needs C(autoscaling:DescribeAutoScalingGroups), C(autoscaling:SetDesiredCapacity),
     C(autoscaling:SetInstanceProtection), C(autoscaling:TerminateInstanceInAutoScalingGroup) and
     C(ec2:DescribeInstances). The V(aws_ecs) backend needs C(ecs:DescribeServices), C(ecs:DescribeTaskDefinition),
@@ -274,7 +276,8 @@ pools:
     current:
       description:
         - Running and booting units of the pool on the hosts that were read (V(systemd)), the Deployment's
-          replicas (V(kubernetes)), or the processes of the members that are not leaving (AWS).
+          replicas less its pods whose Sidekiq process is quiet (V(kubernetes)), or the processes of the members
+          that are not leaving (AWS).
       type: int
     desired:
       description: The process count the policy chose.

@@ -525,6 +525,12 @@ def test_autoscaler_role_is_minimal(rendered: Rendered) -> None:
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch"]},
         {
             "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": [f"sidekiq-{name}" for name in pools_filter],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": ["apps"],
             "resources": ["deployments/scale"],
             "resourceNames": [f"sidekiq-{name}" for name in pools_filter],
             "verbs": ["get", "patch"],

@@ -1,10 +1,11 @@
 """The Kubernetes scaling backend against a local HTTP server that speaks the API endpoints it uses.
 
-No Kubernetes API server can run on these test machines. `FakeApiServer` therefore serves, on 127.0.0.1, the four
-endpoints the backend calls: read and patch deployments/scale, list pods, patch a pod. It keeps the API server's
-behaviour that matters here: resourceVersion preconditions that give 409, Status bodies for errors and bearer
-token checks. It also emulates the ReplicaSet, which removes pods by phase, readiness and pod-deletion-cost when
-replicas drop. The backend talks to it through the official kubernetes client, as it would to a cluster.
+No Kubernetes API server can run on these test machines. `FakeApiServer` therefore serves, on 127.0.0.1, the five
+endpoints the backend calls: read a Deployment, read and patch deployments/scale, list pods, patch a pod. It keeps
+the API server's behaviour that matters here: resourceVersion preconditions that give 409, Status bodies for errors
+and bearer token checks. It also emulates the ReplicaSet, which removes pods by phase, readiness and
+pod-deletion-cost when replicas drop, and reports a Deployment's rollout status from fields a test sets. The
+backend talks to it through the official kubernetes client, as it would to a cluster.
 
 Sidekiq's processes are fake heartbeat hashes in a real redis-server on loopback (and one test runs the real
 Sidekiq 6.4.1), read with the project's own state reader.
@@ -44,6 +45,7 @@ DEPLOYMENT = "sidekiq-default"
 SELECTOR = "app.kubernetes.io/name=sidekiq,sidekiq-ops/pool=default"
 LABELS = {"app.kubernetes.io/name": "sidekiq", "sidekiq-ops/pool": "default"}
 TOKEN = "test-token"
+DEPLOYMENT_PATH = re.compile(r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/deployments/(?P<name>[^/]+)$")
 SCALE_PATH = re.compile(r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/deployments/(?P<name>[^/]+)/scale$")
 PODS_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods$")
 POD_PATH = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)$")
@@ -72,6 +74,13 @@ class FakeApiServer:
     requests: list[tuple[str, str, Any]] = field(default_factory=list)
     # Called before a scale patch is applied: lets a test play another writer that changes the Deployment.
     before_scale_patch: Callable[[FakeApiServer], None] | None = None
+    # Rollout status of the Deployment: pods of an older template, and the Progressing reason. observed_generation
+    # None means the controller has acted on the latest generation.
+    generation: int = 1
+    observed_generation: int | None = None
+    old_template_pods: int = 0
+    progressing_reason: str = "NewReplicaSetAvailable"
+    paused: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
     created: int = 0
@@ -139,6 +148,43 @@ class FakeApiServer:
             "status": {"replicas": len(self.pods), "selector": SELECTOR},
         }
 
+    def deployment_object(self) -> dict[str, Any]:
+        """The Deployment as the API server returns it, with the rollout status fields the backend reads."""
+        ready = sum(
+            1
+            for pod in self.pods.values()
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"])
+        )
+        observed = self.generation if self.observed_generation is None else self.observed_generation
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": DEPLOYMENT,
+                "namespace": NAMESPACE,
+                "generation": self.generation,
+                "resourceVersion": str(self.resource_version),
+            },
+            "spec": {
+                "replicas": self.replicas,
+                "paused": self.paused,
+                "selector": {"matchLabels": dict(LABELS)},
+                "template": {"metadata": {"labels": dict(LABELS)}, "spec": {"containers": [{"name": "sidekiq"}]}},
+            },
+            "status": {
+                "observedGeneration": observed,
+                "replicas": len(self.pods),
+                "updatedReplicas": len(self.pods) - self.old_template_pods,
+                "readyReplicas": ready,
+                "availableReplicas": ready,
+                "unavailableReplicas": max(self.replicas - ready, 0),
+                "conditions": [
+                    {"type": "Available", "status": "True" if ready else "False", "reason": "MinimumReplicas"},
+                    {"type": "Progressing", "status": "True", "reason": self.progressing_reason},
+                ],
+            },
+        }
+
     def handle(self, method: str, url: str, headers: Any, body: Any) -> tuple[int, dict[str, Any]]:
         with self.lock:
             self.requests.append((method, url, body))
@@ -152,6 +198,10 @@ class FakeApiServer:
             return self._route(method, url, path, headers, body)
 
     def _route(self, method: str, url: str, path: str, headers: Any, body: Any) -> tuple[int, dict[str, Any]]:
+        if (match := DEPLOYMENT_PATH.match(path)) and match["ns"] == NAMESPACE and method == "GET":
+            if match["name"] != DEPLOYMENT:
+                return status_body(404, f'deployments.apps "{match["name"]}" not found')
+            return 200, self.deployment_object()
         if (match := SCALE_PATH.match(path)) and match["ns"] == NAMESPACE:
             if match["name"] != DEPLOYMENT:
                 return status_body(404, f'deployments.apps "{match["name"]}" not found')
@@ -186,6 +236,7 @@ class FakeApiServer:
             )
         self.replicas = int(body["spec"]["replicas"])
         self.resource_version += 1
+        self.generation += 1
         self._reconcile()
         return 200, self.scale_object()
 
@@ -536,6 +587,115 @@ def test_read_reports_pods_and_quiet(api_server: FakeApiServer, redis_server: Re
     assert [pod["name"] for pod in data["pods"]] == ["sidekiq-default-a", "sidekiq-default-b"]
     assert data["pods"][0]["busy"] == 2
     assert data["pods"][1]["busy"] is None
+
+
+def test_scale_in_holds_busy_unready_pod(api_server: FakeApiServer, redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    api_server.add_running_pod("sidekiq-default-idle")
+    api_server.add_running_pod("sidekiq-default-busy", ready=False)
+    add_process(client, "sidekiq-default-idle", 0)
+    busy = add_process(client, "sidekiq-default-busy", 5)
+    first = min(api_server.pods.values(), key=api_server._replicaset_removal_key)
+    assert first["metadata"]["name"] == "sidekiq-default-busy"
+
+    result = make_backend(api_server, client).scale(DEPLOYMENT, 1, processes(redis_server))
+
+    assert result.removals == []
+    assert api_server.replicas == 2
+    assert api_server.count("PATCH", "/scale$") == 0
+    assert sorted(api_server.pods) == ["sidekiq-default-busy", "sidekiq-default-idle"]
+    assert signals(client, busy) == []
+    assert api_server.deletion_costs() == {"sidekiq-default-idle": "0", "sidekiq-default-busy": "5"}
+    assert any("pod sidekiq-default-busy runs 5 jobs and is not ready" in note for note in result.notes)
+
+
+def test_scale_in_removes_idle_pod_ahead(api_server: FakeApiServer, redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    api_server.add_running_pod("sidekiq-default-idle", ready=False)
+    api_server.add_running_pod("sidekiq-default-busy", ready=False)
+    api_server.add_running_pod("sidekiq-default-ready")
+    add_process(client, "sidekiq-default-idle", 0)
+    add_process(client, "sidekiq-default-busy", 5)
+    add_process(client, "sidekiq-default-ready", 0)
+
+    result = make_backend(api_server, client).scale(DEPLOYMENT, 1, processes(redis_server))
+
+    assert result.removals == ["sidekiq-default-idle"]
+    assert api_server.replicas == 2
+    assert sorted(api_server.pods) == ["sidekiq-default-busy", "sidekiq-default-ready"]
+    assert any("Holding 1 pod of the scale-in" in note for note in result.notes)
+
+
+def test_rollout_holds_scale_in(api_server: FakeApiServer, redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    for name in ("sidekiq-default-a", "sidekiq-default-b", "sidekiq-default-c"):
+        api_server.add_running_pod(name)
+        add_process(client, name, 0)
+    api_server.old_template_pods = 2
+    scaler = make_backend(api_server, client)
+
+    state = scaler.read(DEPLOYMENT, processes(redis_server))
+    result = scaler.scale(DEPLOYMENT, 1, processes(redis_server))
+
+    assert state.rollout_reason == "2 of its 3 pods run an older pod template"
+    assert state.to_dict()["rolling_out"] is True
+    assert not result.changed
+    assert api_server.count("PATCH", ".") == 0
+    assert api_server.replicas == 3
+    assert client.keys("*-signals") == []
+    assert any("it is rolling out (2 of its 3 pods run an older pod template)" in note for note in result.notes)
+
+
+def test_rollout_allows_scale_out(api_server: FakeApiServer) -> None:
+    api_server.add_running_pod("sidekiq-default-a")
+    api_server.observed_generation = 0
+
+    result = make_backend(api_server).scale(DEPLOYMENT, 3, [])
+
+    assert result.changed
+    assert api_server.replicas == 3
+
+
+def test_unavailable_during_update_is_rollout(api_server: FakeApiServer) -> None:
+    api_server.add_running_pod("sidekiq-default-a")
+    api_server.add_running_pod("sidekiq-default-b", ready=False)
+    scaler = make_backend(api_server)
+    steady = scaler.read(DEPLOYMENT, [])
+    api_server.progressing_reason = "ReplicaSetUpdated"
+
+    updating = scaler.read(DEPLOYMENT, [])
+
+    assert steady.rollout_reason is None
+    assert updating.rollout_reason == (
+        "1 replica is unavailable while the Progressing condition reports ReplicaSetUpdated"
+    )
+
+
+def test_failed_patch_quiet_pod_goes_next_run(api_server: FakeApiServer, redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    api_server.add_running_pod("sidekiq-default-a")
+    api_server.add_running_pod("sidekiq-default-b")
+    add_process(client, "sidekiq-default-a", 3)
+    quieted = add_process(client, "sidekiq-default-b", 0)
+    api_server.failures.append(Failure("PATCH", "/scale$", 500, "etcdserver: request timed out"))
+
+    with pytest.raises(backend.KubernetesApiError) as raised:
+        make_backend(api_server, client).scale(DEPLOYMENT, 1, processes(redis_server))
+
+    assert f"{quieted} were quieted (TSTP)" in str(raised.value)
+    assert signals(client, quieted) == [b"TSTP"]
+    assert api_server.replicas == 2
+    # Play Sidekiq, which turns quiet within one heartbeat of the signal.
+    client.hset(quieted, "quiet", "true")
+    scaler = make_backend(api_server, client)
+
+    state = scaler.read(DEPLOYMENT, processes(redis_server))
+    result = scaler.scale(DEPLOYMENT, state.requested, processes(redis_server))
+
+    assert state.requested == 1
+    assert result.removals == ["sidekiq-default-b"]
+    assert list(api_server.pods) == ["sidekiq-default-a"]
+    assert result.requested_after == 1
 
 
 @pytest.mark.sidekiq
