@@ -18,11 +18,18 @@ desired count (ECS). Scale-in removes only members whose Sidekiq processes are q
   (a manual change, another policy) takes them. The desired capacity does not change yet.
 - Each later run sends TSTP again to any process of a leaving member that is not quiet (one restarted since),
   and keeps protecting leaving members until they are drained: every process quiet and idle in one heartbeat.
+  A member whose processes are missing from the reading (heartbeat expired, tag changed, restarting) counts
+  as drained only once they have been missing for longer than the pool's stop budget plus Sidekiq's 60 s
+  heartbeat expiry (``gone_since`` in the leaving record), because their jobs may still run.
 - The run that finds a member drained removes protection and removes the member. EC2 terminates that very
   instance and lowers the desired capacity in one call (TerminateInstanceInAutoScalingGroup), so the group
   cannot pick another one. ECS picks the tasks itself, so the backend first protects every task that stays and
   then lowers the desired count. It does so only while the service is steady: no deployment in progress, and
-  exactly the desired number of tasks running.
+  exactly the desired number of tasks running. While it is not steady, the backend turns no protection on and
+  renews none, and drained leavers lose theirs, so that a deployment can replace them.
+- EC2 instance protection does not expire, so the ASG backend lists the instances it protected
+  (``...:<group>:protected``) and takes protection off them at the first run with nothing leaving. It never
+  touches protection that it did not set, except on a drained instance just before terminating it.
 
 While members leave, the policy's ``requested`` signal is the capacity without them
 (``reading.requested_processes``), so the next decision starts from the processes that stay.
@@ -202,7 +209,13 @@ def build_backend(
 ) -> AsgBackend | EcsBackend:
     """Open the backend for one pool without calling AWS yet. Raises AwsOptionsError or AwsDependencyError."""
     if backend == "aws_asg":
-        return AsgBackend(settings, str(target.group_name), processes_per_instance=target.processes_per_instance)
+        return AsgBackend(
+            settings,
+            str(target.group_name),
+            processes_per_instance=target.processes_per_instance,
+            pool=pool,
+            margin=margin,
+        )
     if backend == "aws_ecs":
         return EcsBackend(
             settings,

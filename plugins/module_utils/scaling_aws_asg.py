@@ -1,19 +1,26 @@
 """The ``aws_asg`` backend: one EC2 Auto Scaling group per pool, each instance running the pool's processes.
 
 `AsgBackend.read` describes the group and its instances (EC2 DescribeInstances gives the hostnames), matches the
-pool's Sidekiq processes to instances and loads the leaving record from Redis. `plan` is pure. `apply`
-(``scaling_aws_apply``) makes the plan's changes in this order, so that a run that stops half-way leaves nothing
-that the next run cannot finish:
+pool's Sidekiq processes to instances and loads the leaving and protection records from Redis. `plan` is pure.
+`apply` (``scaling_aws_apply``) makes the plan's changes in this order, so that a run that stops half-way leaves
+nothing that the next run cannot finish:
 
-1. record the newly chosen instances as leaving (Redis);
+1. record the newly chosen instances as leaving, and the instances about to be protected in the protection
+   record (Redis);
 2. turn scale-in protection on (SetInstanceProtection, 50 instances per call);
 3. send TSTP to the processes of leaving instances that are not quiet yet (Redis);
-4. turn protection off for drained instances;
+4. turn protection off for drained instances, and, once no instance is leaving, for the instances in the
+   protection record; then delete them from that record;
 5. terminate each drained instance with TerminateInstanceInAutoScalingGroup and ShouldDecrementDesiredCapacity,
    then delete its record. The call names the instance, so the group cannot pick another one, as it could
    if only the desired capacity were lowered;
 6. set the desired capacity (SetDesiredCapacity, HonorCooldown false) when the plan changes it otherwise;
 7. delete the records of instances that are gone.
+
+EC2 scale-in protection never expires: a protected instance is skipped by every later scale-in, and an instance
+refresh waits for it. That is why the backend records what it protects and takes only that protection off
+again. Two exceptions touch protection that a user set: a drained instance loses its protection right before it
+is terminated, and an instance that the record lists loses it even if a user protected it again meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import pools as pool_model
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_apply import MemberScaler
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_client import (
     AwsApi,
@@ -36,6 +44,8 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_leav
     forget_leaving,
     leaving_key,
     load_leaving,
+    load_protection,
+    protection_key,
     redis_errors,
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_plan import (
@@ -85,7 +95,14 @@ class AsgBackend(MemberScaler):
         processes_per_instance: int = 1,
         autoscaling: AwsApi | None = None,
         ec2: AwsApi | None = None,
+        pool: Mapping[str, Any] | None = None,
+        margin: int = pool_model.DEFAULT_SHUTDOWN_MARGIN,
     ) -> None:
+        """Open the backend without calling AWS yet.
+
+        `pool` and `margin` give the stop budget (the pool's timeout plus the margin). Without `pool` the budget
+        uses Sidekiq's default timeout of 25 s, which is too short for a pool with a longer timeout.
+        """
         if not isinstance(group_name, str) or not group_name:
             raise AwsOptionsError(f"group_name {group_name!r} is invalid; give the Auto Scaling group's name.")
         valid_count = isinstance(processes_per_instance, int) and not isinstance(processes_per_instance, bool)
@@ -94,6 +111,7 @@ class AsgBackend(MemberScaler):
         self.settings = settings
         self.group_name = group_name
         self.per_member = processes_per_instance
+        self.stop_budget = pool_model.stop_budget(pool or {}, margin)
         self.autoscaling = autoscaling or AwsApi.open(settings, "autoscaling", BACKEND, ASG_PERMISSIONS)
         self.ec2 = ec2 or AwsApi.open(settings, "ec2", BACKEND, ASG_PERMISSIONS)
 
@@ -103,6 +121,9 @@ class AsgBackend(MemberScaler):
 
     def key(self, namespace_prefix: str = "") -> str:
         return leaving_key(BACKEND, self.group_name, namespace_prefix)
+
+    def protection_key(self, namespace_prefix: str = "") -> str:
+        return protection_key(BACKEND, self.group_name, namespace_prefix)
 
     def describe_group(self) -> dict[str, Any]:
         """Return the group as DescribeAutoScalingGroups reports it; raise AwsNotFoundError when it is missing."""
@@ -196,7 +217,7 @@ class AsgBackend(MemberScaler):
         namespace_prefix: str = "",
         now: float | None = None,
     ) -> ScalingReading:
-        """Read the group, its instances and the leaving record, and match the pool's live processes.
+        """Read the group, its instances and the leaving and protection records, and match the pool's live processes.
 
         `processes` are the pool's processes (those with the pool's tag). Raises an AwsError subclass, or a
         RedisAccessError subclass when the leaving record cannot be read.
@@ -206,6 +227,7 @@ class AsgBackend(MemberScaler):
         members = self._members(group)
         with redis_errors():
             entries, invalid = load_leaving(redis_client, self.key(namespace_prefix))
+            recorded_protection = load_protection(redis_client, self.protection_key(namespace_prefix))
         if invalid:
             notes.append(f"Ignored unreadable leaving records for {', '.join(invalid)}.")
         views, match_notes, stale = build_views(members, processes, entries, INSTANCE_LABEL)
@@ -219,6 +241,9 @@ class AsgBackend(MemberScaler):
             per_member=self.per_member,
             members=views,
             exact_removal=True,
+            stop_budget=self.stop_budget,
+            records_protection=True,
+            recorded_protection=recorded_protection,
             stale_records=tuple(sorted(set(stale) | set(invalid))),
             notes=tuple(notes + match_notes),
             now=time.time() if now is None else now,

@@ -19,7 +19,10 @@ removed by lowering the desired count at a moment when every other task of the s
 6. delete the records of tasks that are gone.
 
 Protection expires by itself. ECS deployments also wait for protected tasks, so an autoscaler that stopped
-running delays a deployment by ``protection_minutes`` at most.
+running delays a deployment by ``protection_minutes`` at most. While the service is not steady (a deployment in
+progress, or fewer or more tasks than the desired count), a run turns no protection on and renews none. It
+takes protection off drained tasks instead of removing them, so that a deployment can replace them. Their
+leaving records are deleted once they are gone.
 
 NOTE: AWS documents that scale-in protection holds against service auto scaling and deployments; that it also
 holds when UpdateService lowers the desired count is assumed here, and moto 5.2.5 does not model either.
@@ -46,6 +49,7 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_clie
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_leaving import (
     leaving_key,
     load_leaving,
+    protection_key,
     redis_errors,
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_plan import (
@@ -212,6 +216,10 @@ class EcsBackend(MemberScaler):
     def key(self, namespace_prefix: str = "") -> str:
         return leaving_key(BACKEND, f"{self.cluster}/{self.service}", namespace_prefix)
 
+    def protection_key(self, namespace_prefix: str = "") -> str:
+        # Nothing writes this key: ECS task protection expires by itself, so the plan records no protection.
+        return protection_key(BACKEND, f"{self.cluster}/{self.service}", namespace_prefix)
+
     def describe_service(self) -> dict[str, Any]:
         """Return the service as DescribeServices reports it; raise AwsNotFoundError when it is missing or inactive."""
         response = self.ecs.call("describe_services", self.resource, cluster=self.cluster, services=[self.service])
@@ -365,6 +373,7 @@ class EcsBackend(MemberScaler):
             unsteady_reason=reason,
             exact_removal=False,
             protection_minutes=self.protection_minutes,
+            stop_budget=pool_model.stop_budget(self.pool, self.margin),
             stale_records=tuple(sorted(set(stale) | set(invalid))),
             notes=tuple(notes + match_notes),
             now=time.time() if now is None else now,
@@ -390,9 +399,6 @@ class EcsBackend(MemberScaler):
                 f"ECS could not {verb} tasks of {self.resource}: {'; '.join(failures)}. The desired count was not "
                 "changed; the next run tries again."
             )
-
-    def _recorded_sentence(self, ids: Sequence[str]) -> str:
-        return f"Recorded {', '.join(ids)} in the leaving record."
 
     def _protected_sentence(self, ids: Sequence[str]) -> str:
         return f"Protected {', '.join(ids)} from scale-in for {self.protection_minutes} minutes."

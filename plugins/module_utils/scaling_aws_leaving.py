@@ -1,9 +1,13 @@
-"""The Redis side of the AWS backends: the record of leaving members, and the quiet signal sent to Sidekiq.
+"""The Redis side of the AWS backends: the records of leaving and protected members, and the quiet signal.
 
-Leaving members are recorded in a hash, under the app's namespace prefix when it uses redis-namespace:
+Both records are hashes, under the app's namespace prefix when it uses redis-namespace, and each expires
+LEAVING_TTL seconds after its last write:
 
 - ``sidekiq-ops:autoscale:aws:<backend>:<target>:leaving``, one field per member (instance id or task ARN), each
-  a JSON ``LeavingEntry``. The hash expires LEAVING_TTL seconds after the last write.
+  a JSON ``LeavingEntry``;
+- ``sidekiq-ops:autoscale:aws:<backend>:<target>:protected``, one field per member whose scale-in protection the
+  backend turned on, with the epoch seconds of that run. Only ``aws_asg`` writes it, because EC2 protection never
+  expires and the backend must take off what it set, and only what it set.
 
 The record, not Sidekiq's quiet flag, decides which members may be removed: a deploy also quiets processes
 (the sidekiq role's handlers send TSTP before a restart), and such a member must stay.
@@ -46,6 +50,11 @@ def leaving_key(backend: str, target: str, namespace_prefix: str = "") -> str:
     return f"{namespace_prefix}{KEY_ROOT}:{backend}:{target}:leaving"
 
 
+def protection_key(backend: str, target: str, namespace_prefix: str = "") -> str:
+    """Return the key of the record of members that the backend protected (target as for `leaving_key`)."""
+    return f"{namespace_prefix}{KEY_ROOT}:{backend}:{target}:protected"
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -75,10 +84,26 @@ def save_leaving(client: Any, key: str, entries: Mapping[str, LeavingEntry]) -> 
 
 
 def forget_leaving(client: Any, key: str, members: Iterable[str]) -> None:
-    """Delete members from the record."""
+    """Delete members from a record: the leaving record or the protection record."""
     names = list(members)
     if names:
         client.hdel(key, *names)
+
+
+def load_protection(client: Any, key: str) -> tuple[str, ...]:
+    """Read the protection record; return the member ids in it, sorted."""
+    return tuple(sorted(_text(name) for name in (client.hgetall(key) or {})))
+
+
+def save_protection(client: Any, key: str, members: Iterable[str], now: float) -> None:
+    """Add members to the protection record with the time `now`, and refresh its expiry."""
+    names = list(dict.fromkeys(members))
+    if not names:
+        return
+    pipeline = client.pipeline(transaction=True)
+    pipeline.hset(key, mapping=dict.fromkeys(names, str(now)))
+    pipeline.expire(key, LEAVING_TTL)
+    pipeline.execute()
 
 
 def quiet_processes(client: Any, identities: Iterable[str], namespace_prefix: str = "") -> list[str]:

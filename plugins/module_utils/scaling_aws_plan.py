@@ -15,8 +15,11 @@ Processes are matched to members in this order:
 
 `plan_scaling` turns a reading and the policy's desired process count into a plan. Chosen members leave in two
 runs or more, so that no job is lost: a run records them as leaving, protects them from scale-in and quiets
-their processes; a later run removes those that are quiet and idle. Protection rules and the order of the API
-calls are in the module ``scaling_aws``.
+their processes; a later run removes those that are drained. A member is drained when every process matched
+to it reports quiet with no busy thread. A process that is missing from the reading (its heartbeat stopped, its
+tag changed, or it restarted) may still be running jobs, so a member that lacks processes is drained only once
+they have been missing for longer than the pool's stop budget plus Sidekiq's 60 s heartbeat expiry. Protection
+rules and the order of the API calls are in the module ``scaling_aws``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_model import ProcessState
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.pools import DEFAULT_SHUTDOWN_MARGIN, DEFAULT_TIMEOUT
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_model import (
+    STALE_AFTER_SECONDS,
+    ProcessState,
+)
 
 INSTANCE_LABEL = "instance-id"
 TASK_LABEL = "task-id"
@@ -67,21 +74,32 @@ class LeavingEntry:
     Attributes:
         since: epoch seconds when the member was chosen.
         removed: ECS only: the service's desired count was already lowered for this task.
+        gone_since: epoch seconds of the first reading that showed fewer live processes on the member than it
+            runs; None while all of them are seen. Entries written before this field existed load as None.
     """
 
     since: float
     removed: bool = False
+    gone_since: float | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"since": self.since, "removed": self.removed}, sort_keys=True)
+        data: dict[str, Any] = {"since": self.since, "removed": self.removed}
+        if self.gone_since is not None:
+            data["gone_since"] = self.gone_since
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> LeavingEntry | None:
         """Load an entry; None when the text is not an entry, so the caller drops it."""
         try:
             data = json.loads(text)
-            return cls(since=float(data["since"]), removed=bool(data.get("removed", False)))
-        except (TypeError, ValueError, KeyError):
+            gone_since = data.get("gone_since")
+            return cls(
+                since=float(data["since"]),
+                removed=bool(data.get("removed", False)),
+                gone_since=None if gone_since is None else float(gone_since),
+            )
+        except (TypeError, ValueError, KeyError, AttributeError):
             return None
 
 
@@ -108,15 +126,13 @@ class MemberView:
         return bool(self.processes) and all(process.quiet for process in self.processes)
 
     @property
-    def drained(self) -> bool:
-        """Whether a leaving member can go: every process is quiet and idle in the same heartbeat, or none is left.
+    def quiet_and_idle(self) -> bool:
+        """True when every matched process reports quiet with no busy thread, and when none is matched.
 
         Sidekiq 6.4 acts on a remote signal at the end of a heartbeat and writes ``quiet`` and ``busy`` together in
         the next one. A fetch that returns after the quiet signal puts its job back, so a process that reports
         quiet with no busy thread runs no job.
         """
-        if self.leaving is None or not self.member.ready:
-            return False
         return all(process.quiet and process_busy(process) == 0 for process in self.processes)
 
     @property
@@ -234,6 +250,12 @@ class ScalingReading:
             False when the platform chooses among unprotected members (ECS lowers the desired count).
         protection_minutes: ECS task protection lasts this long and is renewed at half; None for EC2, whose
             protection does not expire.
+        stop_budget: seconds the pool's processes may take to stop (timeout plus shutdown margin). A leaving
+            member whose processes are missing from the reading counts as drained only after this plus the
+            heartbeat expiry.
+        records_protection: True when the backend records the members it protects and takes that protection off
+            once no member is leaving (EC2, whose protection never expires).
+        recorded_protection: ids of the members in that record, loaded from Redis.
         stale_records: leaving records of members that no longer exist, to delete.
         notes: sentences about matching and configuration.
         now: epoch seconds of the reading.
@@ -251,9 +273,21 @@ class ScalingReading:
     unsteady_reason: str | None = None
     exact_removal: bool = True
     protection_minutes: int | None = None
+    stop_budget: int = DEFAULT_TIMEOUT + DEFAULT_SHUTDOWN_MARGIN
+    records_protection: bool = False
+    recorded_protection: tuple[str, ...] = ()
     stale_records: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     now: float = 0.0
+
+    @property
+    def missing_limit(self) -> float:
+        """Seconds a leaving member's processes must be missing before it counts as drained without them.
+
+        Sidekiq 6.4 deletes a process's heartbeat hash 60 s after its last beat, so a process drops out of the
+        reading up to 60 s after it stopped beating, and it may have begun its stop budget only then.
+        """
+        return self.stop_budget + STALE_AFTER_SECONDS
 
     @property
     def leaving(self) -> tuple[MemberView, ...]:
@@ -275,6 +309,7 @@ class ScalingReading:
             "per_member": self.per_member,
             "requested_processes": self.requested_processes,
             "steady": self.steady,
+            "stop_budget": self.stop_budget,
             "members": [
                 {
                     "id": view.member.id,
@@ -284,9 +319,11 @@ class ScalingReading:
                     "busy": view.busy,
                     "quiet": view.quiet,
                     "leaving": view.leaving is not None,
+                    "gone_since": view.leaving.gone_since if view.leaving else None,
                 }
                 for view in self.members
             ],
+            "recorded_protection": list(self.recorded_protection),
             "notes": list(self.notes),
         }
 
@@ -311,6 +348,9 @@ class ScalingPlan:
         record: leaving entries to write before anything else: the new leavers, and on ECS the tasks whose
             removal this run makes (removed) or undoes (reset).
         protect, unprotect: members whose scale-in protection is turned on (or renewed) or off.
+        record_protection: members to add to the protection record before their protection is turned on.
+        forget_protection: members to delete from the protection record: unprotected by this run, gone, or
+            found without protection.
         quiet: (member id, process identities) to send TSTP to.
         remove: drained members to remove.
         reset: ECS tasks recorded as removed that are still counted by the service (ECS stopped another task),
@@ -331,6 +371,8 @@ class ScalingPlan:
     record: tuple[tuple[str, LeavingEntry], ...] = ()
     protect: tuple[str, ...] = ()
     unprotect: tuple[str, ...] = ()
+    record_protection: tuple[str, ...] = ()
+    forget_protection: tuple[str, ...] = ()
     quiet: tuple[tuple[str, tuple[str, ...]], ...] = ()
     remove: tuple[Removal, ...] = ()
     reset: tuple[str, ...] = ()
@@ -346,6 +388,8 @@ class ScalingPlan:
             or self.record
             or self.protect
             or self.unprotect
+            or self.record_protection
+            or self.forget_protection
             or self.quiet
             or self.remove
             or self.reset
@@ -362,9 +406,14 @@ class ScalingPlan:
             "requested_before": self.requested_before,
             "requested_after": self.requested_after,
             "leave": list(self.leave),
-            "record": {member: {"since": entry.since, "removed": entry.removed} for member, entry in self.record},
+            "record": {
+                member: {"since": entry.since, "removed": entry.removed, "gone_since": entry.gone_since}
+                for member, entry in self.record
+            },
             "protect": list(self.protect),
             "unprotect": list(self.unprotect),
+            "record_protection": list(self.record_protection),
+            "forget_protection": list(self.forget_protection),
             "quiet": {member: list(identities) for member, identities in self.quiet},
             "remove": [{"id": removal.member_id, "decrement": removal.decrement} for removal in self.remove],
             "reset": list(self.reset),
@@ -478,17 +527,53 @@ def _removals(reading: ScalingReading, drained: Sequence[MemberView], notes: lis
     return removals, capacity
 
 
+def missing_processes(view: MemberView, reading: ScalingReading) -> int:
+    """Return how many of the member's `per_member` processes the reading does not show."""
+    return max(reading.per_member - len(view.processes), 0)
+
+
+def gone_since(view: MemberView, reading: ScalingReading) -> float | None:
+    """Return since when a leaving member has been short of processes; None when the reading shows them all.
+
+    The time comes from the leaving record. Without one there (the first reading short of processes, or an entry
+    written before the field existed) the clock starts at this reading.
+    """
+    if view.leaving is None or not missing_processes(view, reading):
+        return None
+    if view.leaving.gone_since is not None:
+        return view.leaving.gone_since
+    return reading.now
+
+
+def is_drained(view: MemberView, reading: ScalingReading) -> bool:
+    """Return whether a leaving member can be removed.
+
+    It must be ready, and every matched process must be quiet and idle. A process it lacks must have been missing
+    for longer than `reading.missing_limit`.
+    """
+    if view.leaving is None or not view.member.ready or not view.quiet_and_idle:
+        return False
+    since = gone_since(view, reading)
+    return since is None or reading.now - since > reading.missing_limit
+
+
 def _protection(
     reading: ScalingReading,
     leaving_after: Sequence[MemberView],
     drained: Sequence[MemberView],
+    kept_drained: Sequence[MemberView],
     keepers: Sequence[MemberView],
+    notes: list[str],
 ) -> tuple[list[str], list[str]]:
     """Return the members to protect (or renew) and to unprotect.
 
     Leaving members are protected until they are drained. While members leave, busy members that stay are
     protected too. On ECS, when the desired count is lowered, every member that stays is protected, so that ECS
     stops only the drained ones. Drained members lose protection right before they are removed.
+
+    Only an ECS reading can be unsteady, and then a deployment may be replacing tasks. Deployments wait for
+    protected tasks, so no protection is turned on or renewed, and the drained tasks kept for the moment
+    (`kept_drained`) lose theirs.
     """
     candidates = list(leaving_after)
     if leaving_after or drained:
@@ -499,27 +584,84 @@ def _protection(
     for view in candidates:
         if view.member.id not in protect and _needs_protection(view, reading):
             protect.append(view.member.id)
-    unprotect = [view.member.id for view in drained if view.member.protected]
+    if protect and not reading.steady:
+        notes.append(
+            f"Not protecting {', '.join(protect)} and not renewing their protection: {reading.unsteady_reason} "
+            "Protection that is on lapses at its expiry, so that ECS can replace these tasks."
+        )
+        protect = []
+    unprotect = [view.member.id for view in [*drained, *kept_drained] if view.member.protected]
     return protect, unprotect
+
+
+def _protection_record(
+    reading: ScalingReading,
+    protect: Sequence[str],
+    unprotect: Sequence[str],
+    new_leavers: Sequence[MemberView],
+    notes: list[str],
+) -> tuple[list[str], list[str], list[str]]:
+    """Return the members to unprotect because nothing leaves any more, and the ids to add to and delete from the
+    protection record.
+
+    EC2 scale-in protection never expires, and every scale-in skips a protected instance. So a backend that
+    records protection takes it off the recorded members at the first run that finds no member leaving. It
+    never takes off protection that it did not record, because users protect instances on purpose.
+
+    NOTE: EC2 does not say who turned protection on, so an instance that a user protects while the record lists
+    it is released all the same.
+    """
+    if not reading.records_protection:
+        return [], [], []
+    members = {view.member.id: view.member for view in reading.members}
+    recorded = reading.recorded_protection
+    release: list[str] = []
+    if reading.steady and not new_leavers and not any(view.leaving for view in reading.members):
+        release = [
+            member_id
+            for member_id in recorded
+            if member_id in members and members[member_id].protected and member_id not in unprotect
+        ]
+    if release:
+        notes.append(
+            f"Removing the scale-in protection that this backend set on {', '.join(release)}: no {reading.unit} is "
+            "leaving any more."
+        )
+    unprotected = {*unprotect, *release}
+    forget = [
+        member_id
+        for member_id in recorded
+        if member_id not in protect
+        and (member_id in unprotected or member_id not in members or not members[member_id].protected)
+    ]
+    return release, list(protect), forget
 
 
 def _record(
     reading: ScalingReading,
+    leaving: Sequence[MemberView],
     new_leavers: Sequence[MemberView],
     drained: Sequence[MemberView],
     reset: Sequence[MemberView],
 ) -> list[tuple[str, LeavingEntry]]:
-    """Return the leaving entries to write: new leavers, and on ECS the tasks removed or counted again."""
-    record = [(view.member.id, LeavingEntry(since=reading.now)) for view in new_leavers]
-    if reading.exact_removal:
-        return record
-    for view in drained:
-        if view.leaving is not None:
-            record.append((view.member.id, replace(view.leaving, removed=True)))
-    for view in reset:
-        if view.leaving is not None and view not in drained:
-            record.append((view.member.id, replace(view.leaving, removed=False)))
-    return record
+    """Return the leaving entries to write: new leavers, changed `gone_since` times, and on ECS the tasks removed
+    or counted again. EC2 deletes the entry of a removed instance instead."""
+    record: dict[str, LeavingEntry] = {}
+    for view in new_leavers:
+        missing_now = reading.now if missing_processes(view, reading) else None
+        record[view.member.id] = LeavingEntry(since=reading.now, gone_since=missing_now)
+    for view in leaving:
+        entry = view.leaving
+        if entry is None or (reading.exact_removal and view in drained):
+            continue
+        updated = replace(entry, gone_since=gone_since(view, reading))
+        if not reading.exact_removal and view in drained:
+            updated = replace(updated, removed=True)
+        elif not reading.exact_removal and view in reset:
+            updated = replace(updated, removed=False)
+        if updated != entry:
+            record[view.member.id] = updated
+    return list(record.items())
 
 
 def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan:
@@ -535,10 +677,11 @@ def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan
 
     # Drained leaving members go now. On ECS only while the service is steady, because ECS picks the tasks it
     # stops itself, and every other task must be running and protected at that moment.
-    drained = [view for view in leaving if view.drained]
+    drained = [view for view in leaving if is_drained(view, reading)]
+    kept_drained: list[MemberView] = []
     if drained and not reading.exact_removal and not reading.steady:
-        notes.append(f"Not removing {_ids(drained)} yet: {reading.unsteady_reason}")
-        drained = []
+        kept_drained, drained = drained, []
+        _explain_kept_drained(reading, kept_drained, notes)
 
     # New leavers, when the policy requests fewer members than the capacity holds without the leaving ones.
     new_leavers: list[MemberView] = []
@@ -569,7 +712,8 @@ def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan
     removals, capacity_after_removals = _removals(reading, drained, notes)
 
     keepers = [view for view in active if view not in new_leavers]
-    protect, unprotect = _protection(reading, leaving_after, drained, keepers)
+    protect, unprotect = _protection(reading, leaving_after, drained, kept_drained, keepers, notes)
+    release, record_protection, forget_protection = _protection_record(reading, protect, unprotect, new_leavers, notes)
     quiet = tuple((view.member.id, view.unquieted) for view in leaving_after if view.unquieted)
 
     _explain(reading, notes, capacity_after, new_leavers, leaving_after, drained)
@@ -584,14 +728,42 @@ def plan_scaling(reading: ScalingReading, desired_processes: int) -> ScalingPlan
         requested_before=active_requested * reading.per_member,
         requested_after=active_after * reading.per_member,
         leave=tuple(view.member.id for view in new_leavers),
-        record=tuple(_record(reading, new_leavers, drained, reset)),
+        record=tuple(_record(reading, leaving, new_leavers, drained, reset)),
         protect=tuple(protect),
-        unprotect=tuple(unprotect),
+        unprotect=tuple(unprotect + release),
+        record_protection=tuple(record_protection),
+        forget_protection=tuple(forget_protection),
         quiet=quiet,
         remove=tuple(removals),
         reset=tuple(view.member.id for view in reset),
         forget=reading.stale_records,
         notes=tuple(notes),
+    )
+
+
+def _explain_kept_drained(reading: ScalingReading, kept_drained: Sequence[MemberView], notes: list[str]) -> None:
+    """Append why drained ECS tasks stay while the service is not steady, and what happens to them."""
+    sentence = f"Not removing {_ids(kept_drained)} yet: {reading.unsteady_reason}"
+    if any(view.member.protected for view in kept_drained):
+        sentence += (
+            " Their scale-in protection is taken off, so that ECS can replace them. Their leaving records are "
+            "deleted once they are gone."
+        )
+    notes.append(sentence)
+
+
+def _explain_missing(reading: ScalingReading, view: MemberView, since: float) -> str:
+    """Return why a leaving member whose processes are missing from Redis is not removed yet."""
+    member_id = view.member.id
+    elapsed = max(reading.now - since, 0.0)
+    if reading.per_member == 1:
+        missing = "its Sidekiq process has"
+    else:
+        missing = f"{missing_processes(view, reading)} of its {reading.per_member} Sidekiq processes have"
+    return (
+        f"Waiting for {member_id}: {missing} been missing from Redis for {elapsed:.0f} s. A process without a "
+        f"heartbeat may still run jobs, so {member_id} counts as drained only after {reading.missing_limit:.0f} s "
+        f"(stop budget {reading.stop_budget} s plus the {STALE_AFTER_SECONDS:.0f} s heartbeat expiry)."
     )
 
 
@@ -603,19 +775,35 @@ def _explain(
     leaving_after: Sequence[MemberView],
     drained: Sequence[MemberView],
 ) -> None:
-    """Append the sentences that describe the plan's changes."""
+    """Append the sentences that describe the plan's changes and why leaving members wait."""
     noun = "desired capacity" if reading.exact_removal else "desired count"
     if new_leavers:
         notes.append(
             f"Quieting {_ids(new_leavers)}, chosen as the least busy, before removing them; they stay protected "
             "from scale-in until they are idle."
         )
-    busy = [view for view in leaving_after if view not in new_leavers and view.busy > 0]
+    waiting = [view for view in leaving_after if view not in new_leavers]
+    busy = [view for view in waiting if view.busy > 0]
     if busy:
         threads = sum(view.busy for view in busy)
         notes.append(f"Waiting for {_ids(busy)} to finish {threads} running jobs before removing them.")
-    if drained:
-        notes.append(f"Removing {_ids(drained)}: quiet and idle.")
+    not_quiet = [view for view in waiting if view.unquieted]
+    if not_quiet:
+        notes.append(f"Waiting for {_ids(not_quiet)} to report quiet: TSTP is sent again to their processes.")
+    for view in leaving_after:
+        since = gone_since(view, reading)
+        if since is not None and not is_drained(view, reading):
+            notes.append(_explain_missing(reading, view, since))
+    seen = [view for view in drained if not missing_processes(view, reading)]
+    if seen:
+        notes.append(f"Removing {_ids(seen)}: quiet and idle.")
+    absent = [view for view in drained if missing_processes(view, reading)]
+    if absent:
+        notes.append(
+            f"Removing {_ids(absent)}: the Sidekiq processes missing from Redis have been gone for more than "
+            f"{reading.missing_limit:.0f} s (stop budget {reading.stop_budget} s plus the "
+            f"{STALE_AFTER_SECONDS:.0f} s heartbeat expiry)."
+        )
     if capacity_after != reading.capacity:
         notes.append(
             f"The {noun} of the {reading.target} goes from {reading.capacity} to {capacity_after} {reading.unit}s."

@@ -8,6 +8,7 @@ labelled with their instance ids, and let the scaling policy decide from the sta
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,12 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws impo
     AwsNotFoundError,
     AwsThrottlingError,
 )
-from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_leaving import leaving_key
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_leaving import leaving_key, protection_key
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state import read_state
 
 GROUP = "sidekiq-default"
 LEAVING_KEY = leaving_key("aws_asg", GROUP)
+PROTECTION_KEY = protection_key("aws_asg", GROUP)
 THROTTLING_BODY = (
     b"<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>"
     b"<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
@@ -78,8 +80,8 @@ def client(redis_server: RedisServer) -> redis.Redis:
     return redis_server.client()
 
 
-def backend(moto: MotoServer, **settings: Any) -> AsgBackend:
-    return AsgBackend(moto.settings(**settings), GROUP)
+def backend(moto: MotoServer, pool: dict[str, Any] | None = None, **settings: Any) -> AsgBackend:
+    return AsgBackend(moto.settings(**settings), GROUP, pool=pool, margin=10)
 
 
 def leaving(client: redis.Redis) -> dict[str, dict[str, Any]]:
@@ -151,6 +153,13 @@ def test_scale_in_quiets_then_terminates(moto: MotoServer, client: redis.Redis) 
     assert leaving(client) == {}
     assert any(action.startswith(f"Terminated {second}") for action in result.actions)
 
+    # The next run finds nothing leaving and takes off the protection that the scale-in put on the busy keeper.
+    release = scaler.plan(scaler.read([synthetic_process(f"instance-id={first}", pid=1)], client), 1)
+    scaler.apply(release, client)
+    assert release.unprotect == (first,)
+    assert group_state(moto, GROUP)["instances"][first]["protected"] is False
+    assert client.hgetall(PROTECTION_KEY) == {}
+
     again = scaler.plan(scaler.read([synthetic_process(f"instance-id={first}", pid=1)], client), 1)
     assert not again.changed
 
@@ -175,6 +184,71 @@ def test_busy_leaver_stays_protected(moto: MotoServer, client: redis.Redis) -> N
     assert state["desired"] == 2
     assert state["instances"][second]["protected"] is True
     assert any(f"Waiting for {second} to finish 1 running jobs" in note for note in plan.notes)
+
+
+def test_vanished_process_waits_for_budget(moto: MotoServer, client: redis.Redis) -> None:
+    first, second = create_group(moto, GROUP, minimum=1, maximum=4, desired=2)
+    scaler = backend(moto, pool={"name": "default", "timeout": 20})
+    busy = synthetic_process(f"instance-id={first}", busy=2, pid=1)
+    now = time.time()
+    scaler.apply(
+        scaler.plan(scaler.read([busy, synthetic_process(f"instance-id={second}", pid=2)], client, now=now), 1), client
+    )
+    assert sorted(leaving(client)) == [second]
+
+    # The leaver's process is gone from the reading: stop budget 30 s + heartbeat expiry 60 s must pass first.
+    for offset in (30, 60, 120):
+        plan = scaler.plan(scaler.read([busy], client, now=now + offset), 1)
+        scaler.apply(plan, client)
+        state = group_state(moto, GROUP)
+        assert plan.remove == ()
+        assert state["desired"] == 2
+        assert state["instances"][second]["protected"] is True
+        assert leaving(client)[second]["gone_since"] == now + 30
+        assert any(f"Waiting for {second}: its Sidekiq process has been missing" in note for note in plan.notes)
+
+    plan = scaler.plan(scaler.read([busy], client, now=now + 121), 1)
+    scaler.apply(plan, client)
+
+    state = group_state(moto, GROUP)
+    assert [removal.member_id for removal in plan.remove] == [second]
+    assert state["desired"] == 1
+    assert list(state["instances"]) == [first]
+    assert ec2_state(moto, second) in ("shutting-down", "terminated")
+    assert leaving(client) == {}
+
+
+def test_release_spares_user_protection(moto: MotoServer, client: redis.Redis) -> None:
+    first, second, third = create_group(moto, GROUP, minimum=1, maximum=4, desired=3)
+    moto.client("autoscaling").set_instance_protection(
+        AutoScalingGroupName=GROUP, InstanceIds=[third], ProtectedFromScaleIn=True
+    )
+    scaler = backend(moto)
+    busy = [
+        synthetic_process(f"instance-id={first}", busy=2, pid=1),
+        synthetic_process(f"instance-id={third}", busy=1, pid=3),
+    ]
+
+    first_plan = scaler.plan(scaler.read([*busy, synthetic_process(f"instance-id={second}", pid=2)], client), 2)
+    scaler.apply(first_plan, client)
+    assert first_plan.leave == (second,)
+    assert sorted(client.hgetall(PROTECTION_KEY)) == sorted([first.encode(), second.encode()])
+
+    drained = synthetic_process(f"instance-id={second}", quiet=True, pid=2)
+    scaler.apply(scaler.plan(scaler.read([*busy, drained], client), 2), client)
+    assert list(client.hgetall(PROTECTION_KEY)) == [first.encode()]
+
+    release = scaler.plan(scaler.read(busy, client), 2)
+    result = scaler.apply(release, client)
+
+    state = group_state(moto, GROUP)
+    assert release.unprotect == (first,)
+    assert result.actions == (f"Removed scale-in protection from {first}.",)
+    assert state["instances"] == {
+        first: {"state": "InService", "protected": False},
+        third: {"state": "InService", "protected": True},
+    }
+    assert client.hgetall(PROTECTION_KEY) == {}
 
 
 def test_check_mode_changes_nothing(moto: MotoServer, client: redis.Redis) -> None:
@@ -370,6 +444,12 @@ def quiet_identities(client: redis.Redis) -> set[str]:
     return {process.identity for process in pool_processes(read_pool(client), "default") if process.quiet}
 
 
+def drained_identities(client: redis.Redis) -> set[str]:
+    """Return the processes whose latest heartbeat reports them quiet with no busy thread."""
+    processes = pool_processes(read_pool(client), "default")
+    return {process.identity for process in processes if process.quiet and process.busy == 0}
+
+
 @pytest.mark.sidekiq
 def test_real_busy_leaver_waits(
     moto: MotoServer, redis_server: RedisServer, client: redis.Redis, workers: Callable[..., LabelledWorker]
@@ -458,7 +538,7 @@ def test_policy_drives_group(
     leaver_identities = {
         process.identity for view in reading.members if view.member.id in leavers for process in view.processes
     }
-    wait_for(lambda: leaver_identities <= quiet_identities(client), timeout=20, description="the leavers quiet")
+    wait_for(lambda: leaver_identities <= drained_identities(client), timeout=20, description="the leavers drained")
 
     # The next run removes exactly the quiet, idle instances; the busy one stays protected.
     state = read_pool(client)

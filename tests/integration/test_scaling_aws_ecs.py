@@ -204,23 +204,38 @@ def test_scale_in_removes_exactly_drained(moto: MotoServer, client: redis.Redis)
     assert service.desired_count() == 2
 
 
-def test_unsteady_service_keeps_drained(moto: MotoServer, client: redis.Redis) -> None:
+def test_unsteady_service_unprotects_drained(moto: MotoServer, client: redis.Redis) -> None:
     service, tasks = service_with_tasks(moto, 2)
     scaler = backend(moto)
     running = [synthetic_process(task_label(tasks[0]), pid=1), synthetic_process(task_label(tasks[1]), busy=1, pid=2)]
     scaler.apply(scaler.plan(scaler.read(running, client), 1), client)
+    assert service.protection() == {tasks[0]: True, tasks[1]: True}
     moto.client("ecs").update_service(cluster=CLUSTER, service=SERVICE, desiredCount=3)
 
     drained = synthetic_process(task_label(tasks[0]), quiet=True, pid=1)
     reading = scaler.read([drained, running[1]], client)
     plan = scaler.plan(reading, 1)
-    scaler.apply(plan, client)
+    result = scaler.apply(plan, client)
 
     assert not reading.steady
     assert reading.unsteady_reason == "the service runs 2 tasks for a desired count of 3."
     assert plan.remove == ()
+    assert plan.protect == ()
+    assert plan.unprotect == (tasks[0],)
+    assert result.actions == (f"Removed scale-in protection from {tasks[0]}.",)
     assert service.desired_count() == 3
-    assert service.protection()[tasks[0]] is True
+    assert service.protection() == {tasks[0]: False, tasks[1]: True}
+    assert sorted(leaving(client)) == [tasks[0]]
+
+    # ECS replaces the unprotected drained task, as a deployment does, and the next run deletes its record.
+    service.ecs.stop_task(cluster=CLUSTER, task=tasks[0], reason="Deployment")
+    (replacement,) = service.start_tasks(1)
+    fresh = synthetic_process(task_label(replacement), pid=3)
+    after = scaler.plan(scaler.read([running[1], fresh], client), 2)
+    scaler.apply(after, client)
+
+    assert after.forget == (tasks[0],)
+    assert leaving(client) == {}
 
 
 def test_protection_failure_keeps_count(moto: MotoServer, client: redis.Redis) -> None:

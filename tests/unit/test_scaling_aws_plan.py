@@ -16,6 +16,7 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_plan
     ScalingReading,
     build_views,
     choose_leavers,
+    is_drained,
     match_processes,
     plan_scaling,
 )
@@ -198,12 +199,13 @@ def test_leaving_entry_json_round_trip() -> None:
 
 def test_drained_needs_quiet_and_idle_in_same_beat() -> None:
     member = instance("i-a")
+    reading = asg_reading([], capacity=1)
 
-    assert view(member, busy=0, quiet=True, leaving=LEAVING).drained
-    assert not view(member, busy=1, quiet=True, leaving=LEAVING).drained
-    assert not view(member, busy=0, quiet=False, leaving=LEAVING).drained
-    assert not view(member, busy=0, quiet=True, leaving=None).drained
-    assert view(member, busy=None, leaving=LEAVING).drained
+    assert is_drained(view(member, busy=0, quiet=True, leaving=LEAVING), reading)
+    assert not is_drained(view(member, busy=1, quiet=True, leaving=LEAVING), reading)
+    assert not is_drained(view(member, busy=0, quiet=False, leaving=LEAVING), reading)
+    assert not is_drained(view(member, busy=0, quiet=True, leaving=None), reading)
+    assert not is_drained(view(member, busy=None, leaving=LEAVING), reading)
 
 
 def test_busy_counts_work_hash_when_heartbeat_lags() -> None:
