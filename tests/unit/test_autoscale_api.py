@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from process_states import process_state  # type: ignore[import-not-found]
 
 from ansible_collections.sidekiq_ops.fleet.plugins.doc_fragments.kubernetes import ModuleDocFragment
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import autoscale_api as api
@@ -85,25 +86,7 @@ class FakeBackend:
 
 
 def process(identity: str, busy: int) -> ProcessState:
-    return ProcessState(
-        identity=identity,
-        hostname=identity.split(":")[0],
-        pid=1,
-        tag="default",
-        labels=(),
-        version=None,
-        concurrency=10,
-        queues=("default",),
-        busy=busy,
-        busy_by_queue={"default": busy} if busy else {},
-        quiet=False,
-        beat=NOW,
-        seconds_since_beat=1.0,
-        rss_kb=0,
-        live=True,
-        stale_reason=None,
-        oldest_run_at_by_queue={"default": NOW - 5} if busy else {},
-    )
+    return process_state(identity.split(":")[0], beat=NOW, identity=identity, busy=busy, oldest_run_at=NOW - 5)
 
 
 def sidekiq_state(processes: Sequence[ProcessState], backlog: int = 0, found: bool = True) -> SidekiqState:

@@ -10,6 +10,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from process_states import process_state  # type: ignore[import-not-found]
+
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_asg import AsgBackend
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_client import AwsApi, AwsSettings
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_leaving import (
@@ -35,24 +37,7 @@ DEFAULT_MISSING_LIMIT = 95.0
 
 
 def process(hostname: str, busy: int = 0, quiet: bool = False, pid: int = 1) -> ProcessState:
-    return ProcessState(
-        identity=f"{hostname}:{pid}:abc{pid}",
-        hostname=hostname,
-        pid=pid,
-        tag="default",
-        labels=(),
-        version=None,
-        concurrency=10,
-        queues=("default",),
-        busy=busy,
-        busy_by_queue={"default": busy} if busy else {},
-        quiet=quiet,
-        beat=NOW,
-        seconds_since_beat=1.0,
-        rss_kb=1000,
-        live=True,
-        stale_reason=None,
-    )
+    return process_state(hostname, beat=NOW, pid=pid, busy=busy, quiet=quiet)
 
 
 def member(member_id: str, protected: bool = False, expires: float | None = None) -> Member:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from process_states import process_state  # type: ignore[import-not-found]
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import scaling_kubernetes as kubernetes
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_backends import KubernetesPool
@@ -33,24 +34,7 @@ STEADY = kubernetes.RolloutReading(
 
 
 def process(hostname: str, busy: int = 0, quiet: bool = False, pid: int = 1) -> ProcessState:
-    return ProcessState(
-        identity=f"{hostname}:{pid}:abc{pid}",
-        hostname=hostname,
-        pid=pid,
-        tag="default",
-        labels=(),
-        version=None,
-        concurrency=10,
-        queues=("default",),
-        busy=busy,
-        busy_by_queue={"default": busy} if busy else {},
-        quiet=quiet,
-        beat=NOW,
-        seconds_since_beat=1.0,
-        rss_kb=1000,
-        live=True,
-        stale_reason=None,
-    )
+    return process_state(hostname, beat=NOW, pid=pid, busy=busy, quiet=quiet)
 
 
 def pod(name: str, ready: bool = True, phase: str = "Running", node: str | None = "node-1") -> kubernetes.PodReading:

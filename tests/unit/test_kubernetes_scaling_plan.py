@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from process_states import process_state  # type: ignore[import-not-found]
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import scaling_kubernetes as backend
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_model import ProcessState
@@ -14,24 +15,7 @@ START = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
 def process(host: str, pid: int = 1, busy: int = 0, quiet: bool = False, live: bool = True) -> ProcessState:
-    return ProcessState(
-        identity=f"{host}:{pid}:abc{pid}",
-        hostname=host,
-        pid=pid,
-        tag="default",
-        labels=(),
-        version=None,
-        concurrency=10,
-        queues=("default",),
-        busy=busy,
-        busy_by_queue={"default": busy} if busy else {},
-        quiet=quiet,
-        beat=1.0,
-        seconds_since_beat=1.0,
-        rss_kb=0,
-        live=live,
-        stale_reason=None if live else "no heartbeat",
-    )
+    return process_state(host, beat=1.0, pid=pid, busy=busy, quiet=quiet, live=live)
 
 
 def pod(name: str, minutes: int = 0, **overrides: Any) -> backend.PodReading:

@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from process_states import process_state  # type: ignore[import-not-found]
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws_plan import (
     INSTANCE_LABEL,
@@ -34,23 +35,16 @@ def process(
     hostname: str | None = None,
 ) -> ProcessState:
     host = hostname if hostname is not None else identity.split(":")[0]
-    return ProcessState(
-        identity=identity,
-        hostname=host,
-        pid=int(identity.split(":")[1]),
-        tag="default",
-        labels=labels,
-        version=None,
-        concurrency=5,
-        queues=("default",),
-        busy=busy,
-        busy_by_queue={"default": busy} if busy else {},
-        quiet=quiet,
+    return process_state(
+        host,
         beat=NOW,
-        seconds_since_beat=1.0,
-        rss_kb=1000,
+        identity=identity,
+        pid=int(identity.split(":")[1]),
+        busy=busy,
+        quiet=quiet,
         live=live,
-        stale_reason=None if live else "no heartbeat for 90 s",
+        concurrency=5,
+        labels=labels,
     )
 
 
