@@ -68,6 +68,28 @@ def sidekiq_instance_plan(
     return pool_model.instance_plan(services, pools, list(hosts), str(host))
 
 
+def sidekiq_kubernetes_autoscaled(
+    pools: Sequence[Mapping[str, Any]], kubernetes_pools: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Return the names of the pools that the sidekiq-ops autoscaler sizes on Kubernetes.
+
+    A pool's autoscaler is the one that ``sidekiq_kubernetes_pools.<pool>.autoscaler`` names, else ``sidekiq-ops``
+    when its processes.min differs from processes.max, else none (a fixed size), as roles/sidekiq_kubernetes decides.
+    """
+    settings = kubernetes_pools or {}
+    names: list[str] = []
+    for pool in pools:
+        if not isinstance(pool, Mapping) or "name" not in pool:
+            continue
+        processes = pool.get("processes") or {"min": 1, "max": 1}
+        fixed = processes.get("min") == processes.get("max")
+        default = "none" if fixed else "sidekiq-ops"
+        own = settings.get(pool["name"]) or {}
+        if own.get("autoscaler", default) == "sidekiq-ops":
+            names.append(str(pool["name"]))
+    return names
+
+
 def sidekiq_restart_items(
     plan: Mapping[str, Mapping[str, Sequence[str]]],
     pools: Sequence[Mapping[str, Any]],
@@ -93,4 +115,5 @@ class FilterModule:
             "redis_url": redis_url,
             "sidekiq_instance_plan": sidekiq_instance_plan,
             "sidekiq_restart_items": sidekiq_restart_items,
+            "sidekiq_kubernetes_autoscaled": sidekiq_kubernetes_autoscaled,
         }

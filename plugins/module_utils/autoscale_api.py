@@ -95,6 +95,8 @@ class ApiRequest:
         settings: the policy settings of every pool, by name.
         selected: names of the pools to decide this run (all, or those of pools_filter).
         backends: the opened backend of every selected pool, by name.
+        never_scaled: selected pools that are never scaled (fixed size or a singleton queue), with the reason;
+            they have no backend and are not read.
     """
 
     backend: str
@@ -104,6 +106,7 @@ class ApiRequest:
     fleet: str
     backends: Mapping[str, PoolBackend]
     check_mode: bool = False
+    never_scaled: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -290,6 +293,8 @@ def api_log_line(fleet: str, outcome: ApiPoolOutcome) -> str:
         return f"{prefix} failed at {outcome.current} processes, {outcome.desired} decided: {outcome.error}"
     if outcome.status == BLOCKED:
         return f"{prefix} blocked at {outcome.current} processes: {outcome.reason}"
+    if outcome.current is None:
+        return f"{prefix} not scaled: {outcome.reason}"
     return " ".join([log_line(fleet, outcome), *outcome.backend_actions])
 
 
@@ -357,7 +362,7 @@ def _pool_contexts(
             throughput=throughputs.get(name),
         )
         for name in names
-        if name in request.selected
+        if name in request.selected and name not in request.never_scaled
     ]
     return contexts, record
 
@@ -403,6 +408,11 @@ def _scale_and_store(
     except (AutoscaleError, RedisAccessError) as error:
         raise AutoscaleError(f"{error} {_changed_so_far(outcomes)}") from error
 
+    diff = count_diff(outcomes)
+    outcomes += [
+        ApiPoolOutcome(name=name, status=UNCHANGED, action=HOLD, reason=reason[0].upper() + reason[1:])
+        for name, reason in request.never_scaled.items()
+    ]
     problems = [problem for problem in (outcome.problem for outcome in outcomes) if problem]
     return {
         "lock_held": False,
@@ -416,7 +426,7 @@ def _scale_and_store(
         "problems": problems,
         "log_lines": [api_log_line(request.fleet, outcome) for outcome in outcomes],
         "warnings": warnings,
-        "diff": count_diff(outcomes),
+        "diff": diff,
         "changed": any(outcome.status == ACT for outcome in outcomes),
     }
 
@@ -453,8 +463,11 @@ def build_api_request(params: Mapping[str, Any], check_mode: bool) -> tuple[ApiR
         return None, errors
     names = [str(pool["name"]) for pool in pools]
     selected = [name for name in names if name in (params["pools_filter"] or names)]
+    never_scaled = {name: _never_scaled_reason(settings[name]) for name in selected}
+    never_scaled = {name: reason for name, reason in never_scaled.items() if reason}
+    scaled = [name for name in selected if name not in never_scaled]
     try:
-        backends = open_backends(params["backend"], params, pools, selected, margin=params["shutdown_margin"])
+        backends = open_backends(params["backend"], params, pools, scaled, margin=params["shutdown_margin"])
     except (BackendOptionsError, KubernetesError, AwsError) as error:
         return None, [str(error)]
     request = ApiRequest(
@@ -465,5 +478,18 @@ def build_api_request(params: Mapping[str, Any], check_mode: bool) -> tuple[ApiR
         fleet=params["fleet"],
         backends=backends,
         check_mode=check_mode,
+        never_scaled=never_scaled,
     )
     return request, []
+
+
+def _never_scaled_reason(settings: PolicySettings) -> str:
+    """Return why a pool is never scaled (its backend is then neither read nor needs options), or ""."""
+    if settings.singleton:
+        return "the pool serves a singleton queue and is never scaled, so its backend was not read."
+    if settings.fixed:
+        return (
+            f"the pool has a fixed size of {settings.min_processes} (processes min == max) and is never scaled, "
+            "so its backend was not read."
+        )
+    return ""

@@ -196,8 +196,9 @@ class EcsBackend(MemberScaler):
             or not MIN_PROTECTION_MINUTES <= protection_minutes <= MAX_PROTECTION_MINUTES
         ):
             raise AwsOptionsError(
-                f"protection_minutes {protection_minutes!r} is invalid; ECS accepts {MIN_PROTECTION_MINUTES} to "
-                f"{MAX_PROTECTION_MINUTES} minutes."
+                f"aws_task_protection_minutes {protection_minutes!r} is invalid; ECS accepts {MIN_PROTECTION_MINUTES} "
+                f"to {MAX_PROTECTION_MINUTES} minutes (in playbooks/autoscale.yml: "
+                "autoscale_aws_task_protection_minutes)."
             )
         self.settings = settings
         self.cluster = cluster

@@ -223,8 +223,9 @@ def build_views(
     silent = [view.member.id for view in views if view.member.ready and not view.processes and not view.leaving]
     if silent:
         notes.append(
-            f"{len(silent)} members run no live Sidekiq process of the pool ({_sample(silent)}): still booting, or "
-            f"their '{label_key}' label or hostname does not match. They are never chosen to leave."
+            f"{len(silent)} {'member runs' if len(silent) == 1 else 'members run'} no live Sidekiq process of the "
+            f"pool ({_sample(silent)}): still booting, or the '{label_key}' label or hostname does not match. Such "
+            "members are never chosen to leave."
         )
     present = {member.id for member in members}
     stale = tuple(sorted(member_id for member_id in leaving if member_id not in present))

@@ -356,12 +356,17 @@ def aws_arguments(
     }
 
 
+def busy_group_with_backlog(client: redis.Redis, moto: MotoServer) -> None:
+    """Create the group with one instance whose process has every thread busy, and a backlog behind it."""
+    (instance,) = create_group(moto, GROUP, minimum=1, maximum=4, desired=1)
+    add_process(client, "worker-1", busy=10, labels=(f"instance-id={instance}",))
+    enqueue_backlog(client)
+
+
 def test_asg_backlog_scales_out(
     tmp_path: Path, redis_server: RedisServer, client: redis.Redis, clean_moto: MotoServer
 ) -> None:
-    (instance,) = create_group(clean_moto, GROUP, minimum=1, maximum=4, desired=1)
-    add_process(client, "worker-1", busy=10, labels=(f"instance-id={instance}",))
-    enqueue_backlog(client)
+    busy_group_with_backlog(client, clean_moto)
 
     result = run_module(tmp_path, aws_arguments(redis_server, clean_moto, "aws_asg", [DEFAULT]))
 
@@ -540,3 +545,22 @@ def test_asg_scales_out_from_real_sidekiq_backlog(
     assert decided["action"] == "scale_out", decided["reason"]
     assert group_state(clean_moto, GROUP)["desired"] == decided["target"]
     assert decided["target"] > 1
+
+
+def test_asg_never_reads_fixed_pool(
+    tmp_path: Path, redis_server: RedisServer, client: redis.Redis, clean_moto: MotoServer
+) -> None:
+    """A fixed-size pool with no Auto Scaling group and no aws_targets entry is reported, not failed."""
+    busy_group_with_backlog(client, clean_moto)
+    fixed = dict(MISSING, name="fixed", processes={"min": 2, "max": 2})
+
+    result = run_module(tmp_path, aws_arguments(redis_server, clean_moto, "aws_asg", [DEFAULT, fixed]))
+
+    assert result.get("failed") is not True, result
+    assert result["pools"]["default"]["action"] == "scale_out"
+    assert result["pools"]["fixed"]["status"] == "hold"
+    assert "fixed size of 2" in result["pools"]["fixed"]["reason"]
+    assert any(
+        line.startswith("autoscale shop/fixed not scaled: The pool has a fixed size") for line in result["log_lines"]
+    )
+    assert result["problems"] == []

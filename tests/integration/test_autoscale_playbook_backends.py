@@ -121,6 +121,14 @@ def fleet_variables(redis_server: RedisServer, minimum: int = 1) -> dict[str, An
     }
 
 
+def busy_pod_with_backlog(redis_server: RedisServer, api_server: FakeApiServer) -> None:
+    """Run one pod of sidekiq-default with every thread busy and a backlog behind it."""
+    client = redis_server.client()
+    api_server.add_running_pod(f"{DEPLOYMENT}-a")
+    add_process(client, f"{DEPLOYMENT}-a", busy=10)
+    enqueue_backlog(client)
+
+
 def test_bogus_backend_fails_before_any_host() -> None:
     result = run_autoscale(STAGING, "--check", "-e", "autoscale_backend=bogus")
 
@@ -220,10 +228,7 @@ def test_cronjob_command_skips_worker_hosts(tmp_path: Path) -> None:
 def test_kubernetes_backend_scales_deployment(
     tmp_path: Path, redis_server: RedisServer, api_server: FakeApiServer
 ) -> None:
-    client = redis_server.client()
-    api_server.add_running_pod(f"{DEPLOYMENT}-a")
-    add_process(client, f"{DEPLOYMENT}-a", busy=10)
-    enqueue_backlog(client)
+    busy_pod_with_backlog(redis_server, api_server)
     inventory = write_inventory(tmp_path / "inventory", kubernetes_variables(redis_server, api_server, [DEFAULT]))
 
     result = run_autoscale(inventory)
@@ -240,10 +245,7 @@ def test_kubernetes_problem_fails_after_logging(
     tmp_path: Path, redis_server: RedisServer, api_server: FakeApiServer
 ) -> None:
     """A pool whose Deployment is missing fails the run, after the other pool was scaled and logged."""
-    client = redis_server.client()
-    api_server.add_running_pod(f"{DEPLOYMENT}-a")
-    add_process(client, f"{DEPLOYMENT}-a", busy=10)
-    enqueue_backlog(client)
+    busy_pod_with_backlog(redis_server, api_server)
     variables = kubernetes_variables(redis_server, api_server, [MISSING, DEFAULT])
     inventory = write_inventory(tmp_path / "inventory", variables)
 
@@ -255,3 +257,40 @@ def test_kubernetes_problem_fails_after_logging(
     assert "autoscale shop/default scale_out 1 -> 4" in output, output
     assert "Autoscaling could not scale every pool: missing: " in output.replace("\n", " "), output
     assert output.index("TASK [Log each decision]") < output.index("TASK [Fail the run when a pool could not")
+
+
+def test_kubernetes_skips_pools_of_other_autoscalers(
+    tmp_path: Path, redis_server: RedisServer, api_server: FakeApiServer
+) -> None:
+    """Without a pools filter, a manual run sizes only the pools that sidekiq-ops autoscales on Kubernetes."""
+    busy_pod_with_backlog(redis_server, api_server)
+    fixed = dict(MISSING, name="fixed", processes={"min": 2, "max": 2})
+    variables = kubernetes_variables(redis_server, api_server, [MISSING, fixed, DEFAULT])
+    variables["sidekiq_kubernetes_pools"] = {"missing": {"autoscaler": "keda"}}
+    inventory = write_inventory(tmp_path / "inventory", variables)
+
+    result = run_autoscale(inventory)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert api_server.replicas == 4
+    assert "autoscale shop/default scale_out 1 -> 4" in output, output
+    assert "sidekiq-missing" not in output, output
+    assert "autoscale shop/fixed" not in output, output
+
+
+def test_kubernetes_without_own_pools_ends_quietly(
+    tmp_path: Path, redis_server: RedisServer, api_server: FakeApiServer
+) -> None:
+    variables = kubernetes_variables(redis_server, api_server, [DEFAULT])
+    variables["sidekiq_kubernetes_pools"] = {"default": {"autoscaler": "hpa"}}
+    inventory = write_inventory(tmp_path / "inventory", variables)
+
+    result = run_autoscale(inventory)
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "No pool is sized by sidekiq-ops on Kubernetes" in output, output
+    assert "TASK [Lock, read, decide, scale and record every pool]" not in output, output
+    assert api_server.requests == []
+    assert redis_server.client().keys("sidekiq-ops:*") == []

@@ -632,7 +632,22 @@ def test_filters_are_registered() -> None:
         "redis_url",
         "sidekiq_instance_plan",
         "sidekiq_restart_items",
+        "sidekiq_kubernetes_autoscaled",
     }
+
+
+def test_kubernetes_autoscaled_follows_the_worker_role() -> None:
+    pools = [
+        {"name": "default", "processes": {"min": 1, "max": 4}},
+        {"name": "critical", "processes": {"min": 2, "max": 2}},
+        {"name": "bulk", "processes": {"min": 1, "max": 8}},
+        {"name": "reports"},
+        {"name": "pinned", "processes": {"min": 3, "max": 3}},
+    ]
+    settings = {"bulk": {"autoscaler": "keda"}, "pinned": {"autoscaler": "sidekiq-ops"}}
+
+    assert pool_filters.sidekiq_kubernetes_autoscaled(pools, settings) == ["default", "pinned"]
+    assert pool_filters.sidekiq_kubernetes_autoscaled(pools) == ["default", "bulk"]
 
 
 def test_filter_redis_version_errors_argument_order() -> None:

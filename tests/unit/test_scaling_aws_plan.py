@@ -176,7 +176,7 @@ def test_build_views_reports_stale_and_silent() -> None:
 
     assert [item.leaving for item in views] == [LEAVING, None]
     assert gone == ("i-gone",)
-    assert any("1 members run no live Sidekiq process" in note and "i-b" in note for note in notes)
+    assert any("1 member runs no live Sidekiq process" in note and "i-b" in note for note in notes)
 
 
 def test_leaving_entry_json_round_trip() -> None:
