@@ -70,8 +70,16 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.policy import (
     decide,
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.redis_connection import RedisAccessError, RedisSettings
-from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws import AwsError
-from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_kubernetes import KubernetesError
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_aws import (
+    AwsConfigurationError,
+    AwsCredentialsError,
+    AwsError,
+)
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_kubernetes import (
+    KubernetesAuthError,
+    KubernetesError,
+    KubernetesUnreachableError,
+)
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state import read_state
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_model import ProcessState, SidekiqState
 
@@ -84,6 +92,9 @@ POOL_LOCK_SECONDS = 120
 
 # Pool status of a pool whose backend failed this run.
 FAILED = "failed"
+# Errors of reading one pool's backend that every other pool of the run would meet too: the API cannot be reached,
+# or the credentials or the configuration are wrong. After one, the run does not call the API for the other pools.
+SHARED_FAILURES = (KubernetesUnreachableError, KubernetesAuthError, AwsCredentialsError, AwsConfigurationError)
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,7 @@ class ApiPoolOutcome(PoolOutcome):
     error: str | None = None
     backend_actions: list[str] = field(default_factory=list)
     backend: dict[str, Any] = field(default_factory=dict)
+    shared_failure: bool = False
 
     @property
     def problem(self) -> str | None:
@@ -220,7 +232,12 @@ def scale_pool(
         reading = backend.read(context.own, client, namespace_prefix, state.now)
     except BACKEND_ERRORS as error:
         return ApiPoolOutcome(
-            name=name, status=FAILED, action=HOLD, reason=f"Reading {backend.resource} failed.", error=str(error)
+            name=name,
+            status=FAILED,
+            action=HOLD,
+            reason=f"Reading {backend.resource} failed.",
+            error=str(error),
+            shared_failure=isinstance(error, SHARED_FAILURES),
         )
 
     if not state.sidekiq_data_found and reading.requested > 0:
@@ -392,6 +409,10 @@ def _scale_and_store(
                     "the API's response times."
                 )
             backend = request.backends[context.name]
+            shared = next((outcome for outcome in outcomes if outcome.shared_failure), None)
+            if shared is not None:
+                outcomes.append(_not_tried(context.name, backend, shared))
+                continue
             outcome = scale_pool(context, backend, state, client, namespace_prefix, request.check_mode)
             outcomes.append(outcome)
             if lock["value"] and outcome.status == ACT and outcome.state:
@@ -429,6 +450,17 @@ def _scale_and_store(
         "diff": diff,
         "changed": any(outcome.status == ACT for outcome in outcomes),
     }
+
+
+def _not_tried(name: str, backend: PoolBackend, failed: ApiPoolOutcome) -> ApiPoolOutcome:
+    """Return the outcome of a pool left alone because an earlier pool's API failure would repeat for it."""
+    return ApiPoolOutcome(
+        name=name,
+        status=FAILED,
+        action=HOLD,
+        reason=f"Reading {backend.resource} was not tried.",
+        error=f"not tried, because the API failed for pool {failed.name} in the same way (see there).",
+    )
 
 
 def _store(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.autoscale_plan i
 )
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.policy import settings_from_pool
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.redis_connection import RedisUnreachableError
+from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.scaling_kubernetes import KubernetesUnreachableError
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils.sidekiq_state_model import (
     JobSetState,
     PoolState,
@@ -175,3 +177,33 @@ def test_diff_says_unknown_for_unread_pool() -> None:
 
     assert diff["before"] == "default: unknown (the backend could not be read)\n"
     assert diff["after"] == "default: unknown (the backend could not be read)\n"
+
+
+class UnreachableBackend:
+    """A backend whose API server refuses every connection; counts the reads."""
+
+    resource = "deployments/scale shop/sidekiq-pool"
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, own: Sequence[ProcessState], redis_client: Any, namespace_prefix: str, now: float) -> BackendReading:
+        self.reads += 1
+        raise KubernetesUnreachableError("Could not connect to the Kubernetes API server: connection refused.")
+
+    def scale(self, *args: Any) -> BackendOutcome:
+        raise AssertionError("scale() must not run after a failed read")
+
+
+def test_unreachable_api_tried_once(request_for_two_pools: autoscale_api.ApiRequest) -> None:
+    backend = UnreachableBackend()
+    request = replace(request_for_two_pools, backends={"first": backend, "second": backend})
+
+    result = autoscale_api.run_api(ScriptedRedis(), request)
+
+    assert backend.reads == 1
+    assert result["pools"]["first"]["error"].startswith("Could not connect to the Kubernetes API server")
+    assert result["pools"]["second"]["error"] == (
+        "not tried, because the API failed for pool first in the same way (see there)."
+    )
+    assert len(result["problems"]) == 2
