@@ -26,6 +26,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from sidekiq_fixtures import free_port  # type: ignore[import-not-found]
 
 from ansible_collections.sidekiq_ops.fleet.plugins.module_utils import pools as pool_model
 
@@ -748,3 +749,38 @@ def test_shared_variables_match_between_roles() -> None:
             assert autoscaler_options[name].get(key) == worker_options[name].get(key), f"{name}: {key}"
     for name in autoscaler_defaults:
         assert name in autoscaler_options, f"{name} is not in the autoscaler role's argument specs"
+
+
+def test_unreachable_cluster_fails_once_with_the_fix(tmp_path: Path) -> None:
+    """Without an API server (none can run on these machines), the apply step fails once, naming the fix."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "closed", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}}],
+                "users": [{"name": "deployer", "user": {"token": "not-a-real-token"}}],
+                "contexts": [{"name": "closed", "context": {"cluster": "closed", "user": "deployer"}}],
+                "current-context": "closed",
+            }
+        )
+    )
+    command = playbook_command(
+        ENVIRONMENTS["test"],
+        tmp_path / "review",
+        "-e",
+        json.dumps({"sidekiq_kubernetes_kubeconfig": str(kubeconfig), "sidekiq_kubernetes_context": "closed"}),
+    )
+    command.remove("--tags")
+    command.remove("render")
+
+    result = subprocess.run(command, cwd=ROOT, env=ansible_environment(), capture_output=True, text=True, timeout=300)
+
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0, output
+    assert "The Kubernetes API could not be reached, so nothing was applied" in output, output
+    assert 'Set sidekiq_kubernetes_context (now "closed")' in output, output
+    assert "run with --tags render" in output, output
+    assert "TASK [sidekiq_ops.fleet.sidekiq_kubernetes : Apply each rendered file" not in output, output
+    assert list((tmp_path / "review").glob("*.yaml")), "the objects were not rendered before the check"
