@@ -102,10 +102,13 @@ class ApiRequest:
     """The input of one run, validated by the caller.
 
     Attributes:
+        backend: the backend name (kubernetes, aws_asg or aws_ecs).
         pools: every pool of the fleet, as in group_vars.
         settings: the policy settings of every pool, by name.
         selected: names of the pools to decide this run (all, or those of pools_filter).
+        fleet: the fleet name of the lock and state keys.
         backends: the opened backend of every selected pool, by name.
+        check_mode: decide and plan without changing a backend or Redis.
         never_scaled: selected pools that are never scaled (fixed size or a singleton queue), with the reason;
             they have no backend and are not read.
     """

@@ -770,7 +770,7 @@ def _saturated_by_long_jobs(signals: PoolSignals, settings: PolicySettings, stat
     """Return whether every thread is busy while jobs wait, at a time when jobs longer than the stop timeout run.
 
     The Erlang C sizing assumes job durations that spread like an exponential distribution. Jobs of minutes mixed
-    with jobs of seconds spread far wider: the mean duration looks short, yet each long job holds its thread for
+    with jobs of seconds spread far wider: the mean duration looks short, yet each long job occupies its thread for
     minutes. A pool whose threads are all busy then does not free a thread within seconds the way the model expects,
     and its queue only grows. So while such jobs run (or ran within LONG_JOB_MEMORY seconds, or their age is
     unknown), a saturated pool whose oldest waiting job has waited SATURATION_LATENCY of the target gets one more

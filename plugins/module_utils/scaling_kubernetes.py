@@ -659,7 +659,7 @@ def plan_scale_in(pods: Sequence[PodState], count: int) -> ScaleInPlan:
 
     The ReplicaSet controller removes pods in `removal_key` order, and deletion costs reorder only pods of equal
     rank. When a pod that is not removable (see `is_removable`) would go while a ready idle or quiet pod stays, the
-    plan removes only the removable pods at the front of that order and holds the rest back.
+    plan removes only the removable pods at the front of that order and keeps the rest.
 
     The removed pods get REMOVAL_COST. Kept pods get their busy thread count, or UNKNOWN_BUSY_COST when their
     process is not in Redis, so a later scale-in by anyone else also removes idle pods first.
@@ -686,7 +686,7 @@ def plan_scale_in(pods: Sequence[PodState], count: int) -> ScaleInPlan:
 
 
 def held_note(plan: ScaleInPlan) -> str | None:
-    """Return the note that explains the removals a plan holds back, or None when it holds none."""
+    """Return the note that explains the removals a plan defers, or None when it defers none."""
     if not plan.held_count:
         return None
     reasons = "; ".join(_describe_blocking(pod) for pod in plan.blocking)

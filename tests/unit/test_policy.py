@@ -832,7 +832,7 @@ def saturated_signals(longest_running: float | None, latency: float = 2.0) -> Po
     )
 
 
-def test_saturated_pool_with_long_jobs_scales_out_by_one() -> None:
+def test_saturation_with_long_jobs_adds_one() -> None:
     state = warmed_state(rate=2.0, service=10.0, busy=20, runs=20)
     decision = decide(saturated_signals(longest_running=300.0), settings(), state)
     assert decision.action == SCALE_OUT
@@ -840,7 +840,7 @@ def test_saturated_pool_with_long_jobs_scales_out_by_one() -> None:
     assert "Every thread is busy and jobs wait while jobs longer than the stop timeout of 25 s run" in decision.reason
 
 
-def test_saturated_pool_with_short_jobs_only_trusts_the_model() -> None:
+def test_saturation_with_short_jobs_holds() -> None:
     state = warmed_state(rate=2.0, service=10.0, busy=20, runs=20)
     decision = decide(saturated_signals(longest_running=12.0), settings(), state)
     assert decision.action == HOLD
@@ -848,7 +848,7 @@ def test_saturated_pool_with_short_jobs_only_trusts_the_model() -> None:
     assert "Every thread is busy" not in decision.reason
 
 
-def test_saturation_ignores_a_queue_younger_than_a_tenth_of_the_target() -> None:
+def test_saturation_ignores_young_queue() -> None:
     state = warmed_state(rate=2.0, service=10.0, busy=20, runs=20)
     decision = decide(saturated_signals(longest_running=300.0, latency=0.5), settings(), state)
     assert decision.action == HOLD

@@ -396,7 +396,7 @@ def test_reactive_bound_jumps_to_max_and_back() -> None:
     assert bound.desired(observation(150.0, queued=0, requested=20)) == 3
 
 
-def test_instant_bound_asks_for_the_maximum_from_the_first_second_of_a_burst() -> None:
+def test_instant_bound_maximum_during_burst() -> None:
     bound = InstantBound(PoolConfig(max_processes=20), base=3, hold=60.0, starts=(100.0,))
     assert bound.interval == 1.0
     assert bound.desired(observation(99.0, queued=500)) == 3
